@@ -1,0 +1,343 @@
+"""The Loops API client: HTTP, the wire format and the retry policy; nothing about metrics.
+
+Every call ends in an `Outcome` whose `result` is one of a small closed set (the contract's
+`result` label values); no exception escapes for anything the network or the server can do.
+Attempts and retries are reported to an observer, which is where metrics and logs happen.
+
+Deadlines: `request_timeout` bounds a whole attempt, body included, with `asyncio.timeout`
+(httpx's own read timeout is per chunk, so a trickling body would never hit it). httpcore
+leaks pool slots when a request is cancelled while it waits for a connection
+(encode/httpcore#1093), so attempts pass through a semaphore as wide as the pool: a request
+never waits inside the pool, and a deadline can only land in connect, send or receive,
+where httpcore cleans up after itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import enum
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any, Generic, Protocol, TypeVar
+from urllib.parse import quote
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_result,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from watcher import __version__
+from watcher.model import InvalidRun, Run, parse_list_response, parse_run_response
+
+T = TypeVar("T")
+
+RUN_BODY_CAP = 1024 * 1024
+LIST_BODY_BASE = 4 * 1024 * 1024
+LIST_BODY_PER_RUN = 4 * 1024
+ERROR_BODY_CAP = 16 * 1024
+RETRY_AFTER_CAP = 60.0
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+class Result(enum.StrEnum):
+    OK = "ok"
+    NOT_FOUND = "not_found"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    RATE_LIMITED = "rate_limited"
+    SERVER_ERROR = "server_error"
+    TIMEOUT = "timeout"
+    CONNECTION_ERROR = "connection_error"
+    INVALID_RESPONSE = "invalid_response"
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt(Generic[T]):
+    """One HTTP attempt, already classified."""
+
+    result: Result
+    code: str  # the HTTP status, or "error" when none came back
+    detail: str = ""
+    retryable: bool = False
+    retry_after: float | None = None
+    value: T | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome(Generic[T]):
+    """What one poll (one or more attempts) came to."""
+
+    result: Result
+    value: T | None
+    detail: str
+    attempts: int
+    code: str
+    retry_after: float | None = None
+
+
+class ClientObserver(Protocol):
+    def attempt_finished(self, code: str, seconds: float) -> None: ...
+
+    def retrying(self, result: Result, detail: str, attempt: int, delay: float) -> None: ...
+
+
+class RateLimiter:
+    """A global pace: at most `rate` attempts a second, handed out in order of arrival."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = 1.0 / rate
+        self._clock = clock
+        self._next = 0.0
+
+    async def wait(self) -> None:
+        now = self._clock()
+        slot = max(self._next, now)
+        self._next = slot + self._interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), capped."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            moment = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        seconds = moment.timestamp() - now
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP)
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    if isinstance(data, dict):
+        for key in ("error", "message", "detail"):
+            if isinstance(data.get(key), str):
+                return _printable(data[key])
+    return ""
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    cleaned = "".join(ch if ch.isprintable() else " " for ch in text)
+    return cleaned[:limit] + ("..." if len(cleaned) > limit else "")
+
+
+def _classify_status(status: int) -> Result:
+    if status == 401:
+        return Result.UNAUTHORIZED
+    if status == 403:
+        return Result.FORBIDDEN
+    if status == 404:
+        return Result.NOT_FOUND
+    if status == 429:
+        return Result.RATE_LIMITED
+    if 500 <= status <= 599:
+        return Result.SERVER_ERROR
+    return Result.INVALID_RESPONSE
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def _read_capped(response: httpx.Response, cap: int) -> bytes:
+    """Read a body up to `cap` bytes (decoded); refuse more without buffering it."""
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise BodyTooLarge(f"body of {declared} bytes exceeds the {cap}-byte cap")
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > cap:
+            raise BodyTooLarge(f"body exceeds the {cap}-byte cap")
+    return bytes(body)
+
+
+class LoopsClient:
+    """Reads runs from the Loops API through one long-lived `httpx.AsyncClient`."""
+
+    def __init__(
+        self,
+        *,
+        api_url: str,
+        api_key: str,
+        auth_scheme: str,
+        request_timeout: float,
+        max_retries: int,
+        max_concurrency: int,
+        max_requests_per_second: float,
+        observer: ClientObserver,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        scheme = "Bearer" if auth_scheme == "bearer" else "Api-Key"
+        self._http = httpx.AsyncClient(
+            base_url=api_url,
+            headers={
+                "Authorization": f"{scheme} {api_key}",
+                "Accept": "application/json",
+                "User-Agent": f"loops-watcher/{__version__}",
+            },
+            timeout=httpx.Timeout(request_timeout),
+            limits=httpx.Limits(
+                max_connections=max_concurrency,
+                max_keepalive_connections=max_concurrency,
+                keepalive_expiry=30.0,
+            ),
+            follow_redirects=False,
+            transport=transport,
+        )
+        self._timeout = request_timeout
+        self._max_retries = max_retries
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._limiter = RateLimiter(max_requests_per_second)
+        self._observer = observer
+        self._sleep = sleep
+        self._backoff = wait_exponential_jitter(initial=0.5, max=8.0, jitter=0.5)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def get_run(self, run_id: str) -> Outcome[Run]:
+        def parse(body: Any) -> Run:
+            run = parse_run_response(body)
+            if run.id != run_id:
+                raise InvalidRun(f"asked for run {run_id!r}, got {run.id[:80]!r}")
+            return run
+
+        return await self._fetch(
+            f"/v1/loops/runs/{quote(run_id, safe='')}", {}, RUN_BODY_CAP, parse
+        )
+
+    async def list_runs(
+        self, *, scope: str | None, base_model: str | None, expected_runs: int
+    ) -> Outcome[list[Run]]:
+        params = {"scope": scope, "base_model": base_model}
+        cap = LIST_BODY_BASE + LIST_BODY_PER_RUN * expected_runs
+        return await self._fetch(
+            "/v1/loops/runs",
+            {key: value for key, value in params.items() if value},
+            cap,
+            parse_list_response,
+        )
+
+    async def _fetch(
+        self, path: str, params: dict[str, str], cap: int, parse: Callable[[Any], T]
+    ) -> Outcome[T]:
+        # A fresh retrying object per call: tenacity keeps per-call statistics on it.
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._max_retries + 1),
+            wait=self._wait,
+            retry=retry_if_result(lambda attempt: attempt.retryable),
+            before_sleep=self._before_sleep,
+            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+            sleep=self._sleep,
+        )
+        final: Attempt[T] = await retrying(self._attempt, path, params, cap, parse)
+        return Outcome(
+            result=final.result,
+            value=final.value,
+            detail=final.detail,
+            attempts=retrying.statistics.get("attempt_number", 1),
+            code=final.code,
+            retry_after=final.retry_after,
+        )
+
+    def _wait(self, state: RetryCallState) -> float:
+        assert state.outcome is not None
+        attempt: Attempt[Any] = state.outcome.result()
+        if attempt.retry_after is not None:
+            return attempt.retry_after
+        return float(self._backoff(state))
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        assert state.outcome is not None
+        assert state.next_action is not None
+        attempt: Attempt[Any] = state.outcome.result()
+        self._observer.retrying(
+            attempt.result, attempt.detail, state.attempt_number, state.next_action.sleep
+        )
+
+    async def _attempt(
+        self, path: str, params: dict[str, str], cap: int, parse: Callable[[Any], T]
+    ) -> Attempt[T]:
+        async with self._slots:
+            await self._limiter.wait()
+            started = time.monotonic()
+            code = "error"
+            try:
+                async with asyncio.timeout(self._timeout):
+                    request = self._http.build_request("GET", path, params=params)
+                    response = await self._http.send(request, stream=True)
+                    try:
+                        code = str(response.status_code)
+                        return await self._classify(response, cap, parse)
+                    finally:
+                        await response.aclose()
+            except (TimeoutError, httpx.TimeoutException):
+                return Attempt(
+                    Result.TIMEOUT,
+                    code,
+                    f"no complete response within {self._timeout:g} s",
+                    retryable=True,
+                )
+            except httpx.DecodingError as exc:
+                return Attempt(Result.INVALID_RESPONSE, code, f"undecodable body: {exc}")
+            except httpx.TransportError as exc:
+                detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                return Attempt(Result.CONNECTION_ERROR, code, _printable(detail), retryable=True)
+            finally:
+                self._observer.attempt_finished(code, time.monotonic() - started)
+
+    async def _classify(
+        self, response: httpx.Response, cap: int, parse: Callable[[Any], T]
+    ) -> Attempt[T]:
+        status = response.status_code
+        code = str(status)
+        if status == 200:
+            try:
+                value = parse(json.loads(await _read_capped(response, cap)))
+            except BodyTooLarge as exc:
+                return Attempt(Result.INVALID_RESPONSE, code, str(exc))
+            except ValueError as exc:  # JSON errors and InvalidRun both land here
+                return Attempt(Result.INVALID_RESPONSE, code, _printable(f"bad body: {exc}"))
+            return Attempt(Result.OK, code, value=value)
+
+        retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())
+        if 300 <= status <= 399:
+            target = _printable(response.headers.get("location", "?"))
+            detail = f"redirect ({status}) to {target} not followed"
+        else:
+            try:
+                message = _error_message(await _read_capped(response, ERROR_BODY_CAP))
+            except BodyTooLarge:
+                message = ""
+            detail = f"HTTP {status}" + (f": {message}" if message else "")
+        return Attempt(
+            _classify_status(status),
+            code,
+            detail,
+            retryable=status in RETRYABLE_STATUS,
+            retry_after=retry_after,
+        )

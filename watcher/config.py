@@ -1,0 +1,380 @@
+"""Configuration: the command line, `LOOPS_WATCHER_*` variables and the TOML file, merged once.
+
+Precedence is flag > environment > file > default. The result is one frozen `Settings` object
+passed down to everything else; nothing outside this module reads the environment. Every bad
+value becomes a `ConfigError` whose message names the option, where it came from and the value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+from watcher import __version__
+
+ENV_PREFIX = "LOOPS_WATCHER_"
+API_KEY_ENV = "BASETEN_API_KEY"
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class ConfigError(Exception):
+    """A configuration problem the user has to fix; the message is shown as it is."""
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+Seconds = Annotated[float, Field(gt=0, le=86_400), AfterValidator(_finite)]
+
+
+def check_run_id(run_id: str) -> str:
+    if not RUN_ID_PATTERN.match(run_id):
+        raise ValueError(f"{run_id[:80]!r} is not a run ID (letters, digits, '_', '-', '.')")
+    return run_id
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen_address(text: str) -> ListenAddress:
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (for example 0.0.0.0:9877 or [::]:9877)")
+    host = host.removeprefix("[").removesuffix("]")
+    return ListenAddress(host or "0.0.0.0", int(port_text))
+
+
+class Settings(BaseModel):
+    """The effective configuration; validated once at start and never changed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    config: Path | None = None
+    api_url: str = "https://api.baseten.co"
+    api_key_file: Path | None = None
+    auth_scheme: Literal["bearer", "api-key"] = "bearer"
+    run_id: tuple[Annotated[str, AfterValidator(check_run_id)], ...] = ()
+    run_ids_file: Path | None = None
+    discover: Literal["own", "org"] | None = None
+    discover_base_model: str | None = None
+    poll_interval: Seconds = 30.0
+    fast_poll_interval: Seconds = 5.0
+    request_timeout: Seconds = 10.0
+    max_retries: int = Field(default=3, ge=0, le=10)
+    max_concurrency: int = Field(default=16, ge=1, le=1024)
+    max_requests_per_second: float = Field(default=20.0, gt=0, le=100_000)
+    listen_address: str = "0.0.0.0:9877"
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    demo: bool = False
+    check_config: bool = False
+    once: bool = False
+    # Not an option: loaded from --api-key-file or BASETEN_API_KEY, never from a flag.
+    api_key: SecretStr | None = None
+
+    @field_validator("api_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", value):
+            raise ValueError(f"{value!r} is not an http(s) URL such as https://api.baseten.co")
+        return value.rstrip("/")
+
+    @field_validator("listen_address")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        parse_listen_address(value)
+        return value
+
+    @property
+    def listen(self) -> ListenAddress:
+        return parse_listen_address(self.listen_address)
+
+
+# Options as the user spells them; `kind` decides how a string from the environment is read.
+@dataclass(frozen=True, slots=True)
+class Option:
+    name: str  # snake_case: the TOML key and the Settings field
+    kind: Literal["str", "path", "int", "float", "bool", "list"]
+    help: str
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("config", "path", "TOML configuration file (examples in config/)", "PATH"),
+    Option("api_url", "str", "Baseten API base URL (default https://api.baseten.co)", "URL"),
+    Option(
+        "api_key_file",
+        "path",
+        f"file holding the API key; otherwise {API_KEY_ENV} is read from the environment",
+        "PATH",
+    ),
+    Option("auth_scheme", "str", "Authorization header scheme", choices=("bearer", "api-key")),
+    Option("run_id", "list", "a run to watch (repeatable)", "ID"),
+    Option("run_ids_file", "path", "file with one run ID a line; re-read on change", "PATH"),
+    Option("discover", "str", "also watch every run the key can list", choices=("own", "org")),
+    Option("discover_base_model", "str", "with --discover: only runs of this base model", "MODEL"),
+    Option("poll_interval", "float", "seconds between polls of a settled run (30)", "SECONDS"),
+    Option("fast_poll_interval", "float", "seconds between polls of a changing run (5)", "SECONDS"),
+    Option("request_timeout", "float", "deadline for one HTTP attempt, body included (10)", "S"),
+    Option("max_retries", "int", "retries of one poll on transient failure (3)", "N"),
+    Option("max_concurrency", "int", "requests in flight at once (16)", "N"),
+    Option("max_requests_per_second", "float", "global cap on requests to the API (20)", "R"),
+    Option("listen_address", "str", "where /metrics is served (0.0.0.0:9877)", "HOST:PORT"),
+    Option("log_format", "str", "json unless stdout is a terminal", choices=("json", "console")),
+    Option("log_level", "str", "minimum log level", choices=("debug", "info", "warning", "error")),
+    Option("demo", "bool", "watch the built-in Loops API simulator; no key needed"),
+    Option("check_config", "bool", "validate and print the effective configuration, then exit"),
+    Option("once", "bool", "poll every run once, print a table and exit"),
+)
+_BY_NAME = {option.name: option for option in OPTIONS}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loops-watcher",
+        description="Watch Baseten Loops runs and export their sampler status to Prometheus.",
+        epilog=f"Every option also reads {ENV_PREFIX}<OPTION> from the environment and "
+        "<option> from the TOML file; precedence: flag > environment > file > default.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for option in OPTIONS:
+        if option.kind == "bool":
+            parser.add_argument(option.flag, action="store_true", help=option.help)
+        elif option.kind == "list":
+            parser.add_argument(
+                option.flag, action="append", help=option.help, metavar=option.metavar
+            )
+        else:
+            parser.add_argument(
+                option.flag, help=option.help, metavar=option.metavar, choices=option.choices
+            )
+    parser.add_argument("--version", action="version", version=f"loops-watcher {__version__}")
+    return parser
+
+
+def _from_env_text(option: Option, text: str) -> Any:
+    if option.kind == "bool":
+        lowered = text.strip().lower()
+        if lowered in _TRUE | _FALSE:
+            return lowered in _TRUE
+        raise ConfigError(f"{option.env}: {text!r} is not a boolean (use true or false)")
+    if option.kind == "list":
+        return [item for item in re.split(r"[\s,]+", text) if item]
+    return text
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {str(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {str(path)!r} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(_BY_NAME) | ({"config"} & set(data)))
+    if unknown:
+        raise ConfigError(
+            f"--config: {str(path)!r} has unknown key {unknown[0]!r} "
+            f"(keys are option names in snake_case, such as poll_interval)"
+        )
+    if isinstance(data.get("run_id"), str):
+        data["run_id"] = [data["run_id"]]
+    return data
+
+
+def read_api_key(path: Path) -> SecretStr:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(f"--api-key-file: file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(f"--api-key-file: cannot read {str(path)!r}: {reason}") from None
+    if not text:
+        raise ConfigError(f"--api-key-file: {str(path)!r} is empty")
+    return _check_key(text, f"--api-key-file {str(path)!r}")
+
+
+def _check_key(key: str, source: str) -> SecretStr:
+    if any(ch.isspace() or not ch.isprintable() for ch in key):
+        # Never echo the key itself, only where it came from.
+        raise ConfigError(f"{source}: the API key contains whitespace or control characters")
+    return SecretStr(key)
+
+
+def _describe(name: str, sources: Mapping[str, str]) -> str:
+    option = _BY_NAME.get(name)
+    if option is None:
+        return name
+    source = sources.get(name, "default")
+    return f"{option.flag} (from {source})"
+
+
+def _validation_message(
+    exc: ValidationError, values: Mapping[str, Any], sources: Mapping[str, str]
+) -> str:
+    error = exc.errors()[0]
+    name = str(error["loc"][0]) if error["loc"] else "configuration"
+    value = values.get(name, error.get("input"))
+    reason = str(error["msg"]).removeprefix("Value error, ")
+    shown = f"{value!r}" if not isinstance(value, list | tuple) else ", ".join(map(str, value))
+    return f"{_describe(name, sources)}: invalid value {shown}: {reason}"
+
+
+def load_settings(
+    argv: Sequence[str] | None,
+    environ: Mapping[str, str],
+    *,
+    stdout_is_tty: bool,
+) -> Settings:
+    """Parse, merge and validate; raise ConfigError (exit 2) on any bad input."""
+    flags = vars(build_parser().parse_args(argv))
+    env_values: dict[str, Any] = {}
+    for option in OPTIONS:
+        if option.env in environ:
+            env_values[option.name] = _from_env_text(option, environ[option.env])
+
+    config_path = flags.get("config", env_values.get("config"))
+    file_values = _read_toml(Path(config_path)) if config_path else {}
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for layer, label in (
+        (file_values, f"config file {config_path}"),
+        (env_values, "environment"),
+        (flags, "command line"),
+    ):
+        for name, value in layer.items():
+            values[name] = value
+            sources[name] = f"environment {_BY_NAME[name].env}" if label == "environment" else label
+    values.setdefault("log_format", "console" if stdout_is_tty else "json")
+
+    try:
+        settings = Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(_validation_message(exc, values, sources)) from None
+
+    if settings.demo:
+        return settings
+    if settings.api_key_file is not None:
+        key = read_api_key(settings.api_key_file)
+    elif environ.get(API_KEY_ENV):
+        key = _check_key(environ[API_KEY_ENV], API_KEY_ENV)
+    else:
+        raise ConfigError(
+            f"no API key: put it in the environment as {API_KEY_ENV}, or in a file named by "
+            f"--api-key-file (or {ENV_PREFIX}API_KEY_FILE, or api_key_file in the config file); "
+            "to try the watcher without a key, run it with --demo"
+        )
+    if not (settings.run_id or settings.run_ids_file or settings.discover):
+        raise ConfigError(
+            "nothing to watch: give --run-id ID (repeatable), --run-ids-file PATH or "
+            "--discover own|org"
+        )
+    if settings.run_ids_file is not None:
+        read_run_ids_file(settings.run_ids_file)  # fail at start, not on the first re-read
+    return settings.model_copy(update={"api_key": key})
+
+
+def read_run_ids_file(path: Path) -> tuple[str, ...]:
+    """One run ID a line; `#` starts a comment; blank lines are ignored; order kept, no repeats."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--run-ids-file: file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(f"--run-ids-file: cannot read {str(path)!r}: {reason}") from None
+    ids: dict[str, None] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        run_id = line.split("#", 1)[0].strip()
+        if not run_id:
+            continue
+        try:
+            ids[check_run_id(run_id)] = None
+        except ValueError as exc:
+            raise ConfigError(f"--run-ids-file: {str(path)!r} line {number}: {exc}") from None
+    return tuple(ids)
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective configuration with the key replaced by a note saying it is set."""
+    shown: dict[str, Any] = {}
+    for option in OPTIONS:
+        value = getattr(settings, option.name)
+        if value is None or option.name in {"check_config"}:
+            continue
+        shown[option.name] = (
+            list(value)
+            if isinstance(value, tuple)
+            else (str(value) if isinstance(value, Path) else value)
+        )
+    shown["api_key"] = "<redacted>" if settings.api_key is not None else None
+    return shown
+
+
+def to_toml(values: Mapping[str, Any]) -> str:
+    """Render flat settings as TOML, so `--check-config` output can be reused as a config file."""
+    lines = []
+    for name, value in values.items():
+        if name == "api_key":
+            state = "set (redacted)" if value else "not set"
+            lines.append(f"# api key: {state}; it is never printed")
+        elif value is not None:
+            lines.append(f"{name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def environment() -> Mapping[str, str]:
+    """The process environment; the one place it is read."""
+    return os.environ

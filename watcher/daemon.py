@@ -1,0 +1,340 @@
+"""The running watcher: wires client, tracker, metrics, scheduler and server together.
+
+Data flows one way: the scheduler asks for a poll, the client returns an outcome, the tracker
+turns it into events, and this module logs the events and updates the metrics. It also owns
+the set of watched runs (flags, the run-IDs file, discovery) and the process lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry
+
+from watcher import __version__
+from watcher.api import RETRY_AFTER_CAP, LoopsClient, Outcome, Result
+from watcher.config import ConfigError, Settings, read_run_ids_file, redacted
+from watcher.logs import LEVELS, get_logger
+from watcher.metrics import Metrics
+from watcher.model import Run, StatusClass, status_class
+from watcher.scheduler import Cadence, Scheduler
+from watcher.server import Server
+from watcher.tracker import Changed, Event, Observed, Tracker, Undocumented
+
+FILE_CHECK_INTERVAL = 2.0
+HEARTBEAT_LIMIT = 15.0
+KEY_REJECTED = frozenset({Result.UNAUTHORIZED, Result.FORBIDDEN})
+
+_CHANGE_LEVEL = {
+    StatusClass.FAILED: "error",
+    StatusClass.FAILING: "error",
+    StatusClass.SHUT_DOWN: "warning",
+}
+
+
+def change_level(to_status: str) -> str:
+    """Log level of a `sampler_status_changed` line, by the status it went into."""
+    if to_status == "DEACTIVATING":
+        return "warning"
+    return _CHANGE_LEVEL.get(status_class(to_status), "info")
+
+
+@dataclass(frozen=True, slots=True)
+class FileStamp:
+    mtime_ns: int
+    size: int
+    inode: int
+
+
+def _stamp(path: Path) -> FileStamp | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return FileStamp(info.st_mtime_ns, info.st_size, info.st_ino)
+
+
+class Watcher:
+    """One watcher instance; everything it owns hangs off here, nothing is global."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: CollectorRegistry,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.log = get_logger()
+        self.tracker = Tracker()
+        self.metrics = Metrics(registry, __version__)
+        self.client = LoopsClient(
+            api_url=settings.api_url,
+            api_key=settings.api_key.get_secret_value() if settings.api_key else "",
+            auth_scheme=settings.auth_scheme,
+            request_timeout=settings.request_timeout,
+            max_retries=settings.max_retries,
+            max_concurrency=settings.max_concurrency,
+            max_requests_per_second=settings.max_requests_per_second,
+            observer=self,
+        )
+        self.scheduler = Scheduler(
+            self.poll_run,
+            poll_interval=settings.poll_interval,
+            fast_poll_interval=settings.fast_poll_interval,
+        )
+        self._key_rejected = False
+        self._awaiting_first_poll: set[str] = set()
+        self._started = False
+        self._file_ids: tuple[str, ...] = ()
+        self._file_stamp: FileStamp | None = None
+        # Longest a healthy poll can take: every attempt at its deadline plus capped waits.
+        self._poll_limit = (settings.request_timeout + RETRY_AFTER_CAP) * (
+            settings.max_retries + 1
+        ) + 30.0
+
+    # --- the set of watched runs -------------------------------------------------------
+
+    def desired_runs(self) -> dict[str, None]:
+        return dict.fromkeys((*self.settings.run_id, *self._file_ids))
+
+    def sync_runs(self, desired: dict[str, None], *, spread: float) -> None:
+        for run_id in [r for r in self.scheduler.run_ids if r not in desired]:
+            self.scheduler.remove(run_id)
+            self.tracker.unwatch(run_id)
+            self.metrics.forget(run_id)
+            self._awaiting_first_poll.discard(run_id)
+            self.log.info("run_unwatched", run_id=run_id)
+        for run_id in self.scheduler.add_many(desired, spread=spread):
+            self.tracker.watch(run_id)
+            self.metrics.watch(run_id)
+            self._awaiting_first_poll.add(run_id)
+            if self._started:
+                self.log.info("run_watched", run_id=run_id)
+
+    def reload_run_ids_file(self, reason: str) -> None:
+        path = self.settings.run_ids_file
+        if path is None:
+            return
+        self._file_stamp = _stamp(path)
+        try:
+            ids = read_run_ids_file(path)
+        except ConfigError as exc:
+            # Keep watching what we had: a half-written file must not drop every run.
+            self.log.error("run_ids_file_invalid", path=str(path), error=str(exc), reason=reason)
+            return
+        if ids != self._file_ids:
+            self.log.info("run_ids_file_loaded", path=str(path), runs=len(ids), reason=reason)
+        self._file_ids = ids
+        self.sync_runs(self.desired_runs(), spread=min(1.0, self.settings.fast_poll_interval))
+
+    async def _watch_run_ids_file(self) -> None:
+        path = self.settings.run_ids_file
+        assert path is not None
+        while True:
+            await asyncio.sleep(FILE_CHECK_INTERVAL)
+            if _stamp(path) != self._file_stamp:
+                self.reload_run_ids_file("changed")
+
+    # --- polling ---------------------------------------------------------------------
+
+    async def poll_run(self, run_id: str) -> Cadence:
+        with structlog.contextvars.bound_contextvars(run_id=run_id):
+            outcome = await self.client.get_run(run_id)
+            return self.apply(run_id, outcome)
+
+    def apply(self, run_id: str, outcome: Outcome[Run]) -> Cadence:
+        """Record one poll's outcome: tracker, logs, metrics; say when to poll next."""
+        now = self.clock()
+        self._awaiting_first_poll.discard(run_id)
+        if run_id not in self.tracker.runs:
+            return Cadence(fast=False)  # unwatched while the request was in flight
+        if outcome.result is Result.OK:
+            assert outcome.value is not None
+            return self._record_success(outcome.value, now)
+        return self._record_failure(run_id, outcome)
+
+    def _record_success(self, run: Run, now: float) -> Cadence:
+        previous = self.tracker.runs[run.id]
+        had_failures = previous.consecutive_failures
+        events, changed = self.tracker.record_success(run, now)
+        for event in events:
+            self._emit(event, run)
+        record = self.tracker.runs[run.id]
+        self.metrics.update(record, state_changed=changed)
+        if had_failures:
+            self.log.info("poll_recovered", run_id=run.id, failed_polls=had_failures)
+        if self._key_rejected:
+            self._key_rejected = False
+            self.log.info("api_key_accepted")
+        status = record.status
+        return Cadence(fast=status is not None and status_class(status) is StatusClass.TRANSITIONAL)
+
+    def _record_failure(self, run_id: str, outcome: Outcome[Run]) -> Cadence:
+        previous_result = self.tracker.runs[run_id].last_result
+        record = self.tracker.record_failure(run_id, outcome.result)
+        self.metrics.update(record, state_changed=False)
+        # Warn when a streak of failures starts or changes kind; repeats go to debug.
+        level = "warning" if previous_result != outcome.result else "debug"
+        self.log.log(
+            LEVELS[level],
+            "poll_failed",
+            run_id=run_id,
+            result=str(outcome.result),
+            detail=outcome.detail,
+            http_status=outcome.code,
+            attempts=outcome.attempts,
+            consecutive_failures=record.consecutive_failures,
+        )
+        if outcome.result in KEY_REJECTED and not self._key_rejected:
+            self._key_rejected = True
+            self.log.error(
+                "api_key_rejected",
+                run_id=run_id,
+                result=str(outcome.result),
+                detail=outcome.detail,
+                hint="check the key in BASETEN_API_KEY or --api-key-file, and --auth-scheme",
+            )
+        return Cadence(
+            fast=False, failures=record.consecutive_failures, retry_after=outcome.retry_after
+        )
+
+    def _emit(self, event: Event, run: Run) -> None:
+        identity: dict[str, Any] = {"run_name": run.name, "base_model": run.base_model}
+        if isinstance(event, Observed):
+            self.log.info(
+                "sampler_status_observed",
+                run_id=event.run_id,
+                sampler_id=event.sampler_id,
+                status=event.status,
+                **identity,
+            )
+        elif isinstance(event, Changed):
+            if event.seconds_in_previous_status is not None:
+                self.metrics.status_duration.labels(event.from_status).observe(
+                    event.seconds_in_previous_status
+                )
+            self.log.log(
+                LEVELS[change_level(event.to_status)],
+                "sampler_status_changed",
+                run_id=event.run_id,
+                sampler_id=event.sampler_id,
+                from_status=event.from_status,
+                to_status=event.to_status,
+                seconds_in_previous_status=event.seconds_in_previous_status,
+                **identity,
+            )
+        elif isinstance(event, Undocumented):
+            self.log.warning(
+                "undocumented_sampler_status",
+                run_id=event.run_id,
+                status=event.status,
+                note="not one of the 14 documented statuses; exported as its own series",
+            )
+
+    # --- ClientObserver ----------------------------------------------------------------
+
+    def attempt_finished(self, code: str, seconds: float) -> None:
+        self.metrics.api_requests.labels(code).inc()
+        self.metrics.api_duration.observe(seconds)
+
+    def retrying(self, result: Result, detail: str, attempt: int, delay: float) -> None:
+        self.metrics.retries.labels(str(result)).inc()
+        self.log.debug(
+            "poll_retrying", result=str(result), detail=detail, attempt=attempt, delay=delay
+        )
+
+    # --- endpoints ---------------------------------------------------------------------
+
+    def render_metrics(self, accept: str) -> tuple[bytes, str]:
+        return self.metrics.render(accept)
+
+    def health(self) -> tuple[bool, str]:
+        silent = time.monotonic() - self.scheduler.heartbeat
+        if silent > HEARTBEAT_LIMIT:
+            return False, f"poll loop has not run for {silent:.0f} s"
+        stuck = self.scheduler.oldest_poll_age()
+        if stuck > self._poll_limit:
+            return False, f"a poll has been in flight for {stuck:.0f} s"
+        return True, "ok"
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self._started:
+            return False, "starting"
+        if self._awaiting_first_poll:
+            return False, f"first poll round: {len(self._awaiting_first_poll)} runs to go"
+        return True, "ok"
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def run(
+        self, stop: asyncio.Event, *, on_listening: Callable[[int], None] | None = None
+    ) -> None:
+        """Serve and poll until `stop` is set."""
+        server = Server(self)
+        listen = self.settings.listen
+        try:
+            await server.start(listen.host, listen.port)
+        except OSError as exc:
+            raise ConfigError(
+                f"--listen-address {self.settings.listen_address!r}: cannot listen: "
+                f"{exc.strerror or exc}"
+            ) from None
+        if on_listening:
+            on_listening(server.port)
+        self.reload_run_ids_file("start")
+        first_round = self.scheduler_spread()
+        self.sync_runs(self.desired_runs(), spread=first_round)
+        self.log.info(
+            "watcher_started",
+            version=__version__,
+            pid=os.getpid(),
+            listen=f"{listen.host}:{server.port}",
+            runs=len(self.scheduler.run_ids),
+            config=redacted(self.settings),
+        )
+        self._started = True
+        tasks = [asyncio.create_task(self.scheduler.run(), name="scheduler")]
+        if self.settings.run_ids_file is not None:
+            tasks.append(asyncio.create_task(self._watch_run_ids_file(), name="run-ids-file"))
+        try:
+            await _wait_for_stop_or_crash(stop, tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.client.aclose()
+            await server.close()
+
+    def scheduler_spread(self) -> float:
+        """How far to spread the first round: no faster than the request cap allows."""
+        count = len(self.desired_runs())
+        return min(self.settings.poll_interval, count / self.settings.max_requests_per_second)
+
+
+async def _wait_for_stop_or_crash(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    for task in done:
+        if task is not stopper:
+            task.result()  # a background task that ended on its own is a bug: surface it
+
+
+def install_signal_handlers(
+    stop: asyncio.Event, on_hangup: Callable[[], None] | None = None
+) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if on_hangup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)

@@ -1,0 +1,250 @@
+"""Prometheus exposition: per-run series rendered from cached blocks, the rest via a registry.
+
+Per-run series (`run_id` label) are rendered into text once per run when that run changes and
+kept as immutable strings; a scrape takes a shallow copy of the mapping (a snapshot: polls can
+go on while it renders) and joins the blocks family by family. A run that stops being watched
+is dropped from the mapping and so vanishes from the next scrape. prometheus-client's own
+formatter needs over a second for 10,000 runs; the cached blocks parse to identical samples in
+a fraction of that.
+
+Series that outlive runs (API requests, retries, durations by status, build info) are ordinary
+prometheus-client metrics in the `CollectorRegistry` given to `Metrics`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+
+from watcher.model import RUN_STATUSES, SAMPLER_STATUSES
+from watcher.tracker import RunRecord
+
+OPENMETRICS = "application/openmetrics-text"
+STATUS_DURATION_BUCKETS = (
+    5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 43200, 86400, 259200, 604800,
+)  # fmt: skip
+API_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    name: str
+    kind: str  # "gauge" or "counter"
+    help: str
+
+    def header(self, openmetrics: bool) -> str:
+        # OpenMetrics names a counter family without `_total`; the 0.0.4 text format with it.
+        name = (
+            self.name.removesuffix("_total")
+            if openmetrics and self.kind == "counter"
+            else self.name
+        )
+        return f"# HELP {name} {self.help}\n# TYPE {name} {self.kind}\n"
+
+
+# Families whose samples change only when the run's observed state does.
+STATE_FAMILIES = (
+    Family(
+        "baseten_loops_sampler_status",
+        "gauge",
+        "Sampler status of a run: 1 for the current status, 0 for the other documented ones.",
+    ),
+    Family(
+        "baseten_loops_run_info",
+        "gauge",
+        "Identity of a watched run; always 1. Empty label values are unknown.",
+    ),
+    Family(
+        "baseten_loops_run_status",
+        "gauge",
+        "Run-level status (ACTIVE or INACTIVE), when the API reports it.",
+    ),
+    Family(
+        "baseten_loops_run_created_timestamp_seconds",
+        "gauge",
+        "When the run was created, in Unix seconds.",
+    ),
+    Family(
+        "baseten_loops_sampler_status_since_timestamp_seconds",
+        "gauge",
+        "When the watcher first observed the current sampler status, in Unix seconds.",
+    ),
+    Family(
+        "baseten_loops_sampler_status_transitions_total",
+        "counter",
+        "Observed sampler status changes.",
+    ),
+)
+# Families whose samples change with every poll.
+POLL_FAMILIES = (
+    Family("loops_watcher_poll_success", "gauge", "1 if the last poll of this run succeeded."),
+    Family(
+        "loops_watcher_last_success_timestamp_seconds",
+        "gauge",
+        "When this run was last polled successfully, in Unix seconds.",
+    ),
+    Family("loops_watcher_polls_total", "counter", "Polls of this run by result."),
+)
+
+
+def escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _state_set(name: str, run_label: str, current: str, documented: Iterable[str]) -> str:
+    lines = [
+        f'{name}{{{run_label},status="{status}"}} {"1.0" if status == current else "0.0"}\n'
+        for status in documented
+    ]
+    if current not in documented:
+        lines.append(f'{name}{{{run_label},status="{escape(current)}"}} 1.0\n')
+    return "".join(lines)
+
+
+def render_state(record: RunRecord) -> tuple[str, ...]:
+    """The STATE_FAMILIES samples of one run, one string per family."""
+    run = record.run
+    if run is None:
+        return ("",) * len(STATE_FAMILIES)
+    run_label = f'run_id="{escape(record.run_id)}"'
+    sampler = run.sampler
+    sampler_status = (
+        _state_set("baseten_loops_sampler_status", run_label, record.status, SAMPLER_STATUSES)
+        if record.status is not None
+        else ""
+    )
+    info_labels = {
+        "run_name": run.name,
+        "session_id": run.session_id,
+        "base_model": run.base_model,
+        "sampler_id": sampler.id if sampler else "",
+        "model_id": sampler.model_id if sampler else "",
+        "deployment_id": sampler.deployment_id if sampler else (run.deployment_id or ""),
+    }
+    info = "".join(f',{key}="{escape(value)}"' for key, value in info_labels.items())
+    run_status = (
+        _state_set("baseten_loops_run_status", run_label, run.status, RUN_STATUSES)
+        if run.status is not None
+        else ""
+    )
+    since = (
+        f"baseten_loops_sampler_status_since_timestamp_seconds{{{run_label}}} "
+        f"{number(record.since)}\n"
+        if record.since is not None
+        else ""
+    )
+    transitions = "".join(
+        f"baseten_loops_sampler_status_transitions_total{{{run_label},"
+        f'from_status="{escape(old)}",to_status="{escape(new)}"}} {number(count)}\n'
+        for (old, new), count in sorted(record.transitions.items())
+    )
+    return (
+        sampler_status,
+        f"baseten_loops_run_info{{{run_label}{info}}} 1.0\n",
+        run_status,
+        f"baseten_loops_run_created_timestamp_seconds{{{run_label}}} {number(run.created_at)}\n",
+        since,
+        transitions,
+    )
+
+
+def render_polls(record: RunRecord) -> tuple[str, ...]:
+    """The POLL_FAMILIES samples of one run, one string per family."""
+    run_label = f'run_id="{escape(record.run_id)}"'
+    if record.last_result is None:
+        return ("",) * len(POLL_FAMILIES)
+    success = "1.0" if record.last_result == "ok" else "0.0"
+    last = (
+        f"loops_watcher_last_success_timestamp_seconds{{{run_label}}} "
+        f"{number(record.last_success)}\n"
+        if record.last_success is not None
+        else ""
+    )
+    polls = "".join(
+        f'loops_watcher_polls_total{{{run_label},result="{result}"}} {number(count)}\n'
+        for result, count in sorted(record.polls.items())
+    )
+    return (f"loops_watcher_poll_success{{{run_label}}} {success}\n", last, polls)
+
+
+class Metrics:
+    """All series the watcher exports, and their rendering for one scrape."""
+
+    def __init__(self, registry: CollectorRegistry, version: str) -> None:
+        self.registry = registry
+        self._state: dict[str, tuple[str, ...]] = {}
+        self._polls: dict[str, tuple[str, ...]] = {}
+        self.status_duration = Histogram(
+            "baseten_loops_sampler_status_duration_seconds",
+            "Time a sampler spent in a status, observed on leaving a status seen to begin.",
+            ["status"],
+            buckets=STATUS_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.retries = Counter(
+            "loops_watcher_retries_total",
+            "Retries of API requests, by the result that caused them.",
+            ["reason"],
+            registry=registry,
+        )
+        self.api_requests = Counter(
+            "loops_watcher_api_requests_total",
+            "HTTP attempts to the Loops API by status code ('error' where none came back).",
+            ["code"],
+            registry=registry,
+        )
+        self.api_duration = Histogram(
+            "loops_watcher_api_request_duration_seconds",
+            "Duration of one HTTP attempt to the Loops API.",
+            buckets=API_DURATION_BUCKETS,
+            registry=registry,
+        )
+        watched = Gauge("loops_watcher_watched_runs", "Runs being watched.", registry=registry)
+        watched.set_function(lambda: len(self._polls))
+        Gauge(
+            "loops_watcher_build_info",
+            "Version of the watcher; always 1.",
+            ["version"],
+            registry=registry,
+        ).labels(version).set(1)
+
+    def watch(self, run_id: str) -> None:
+        self._state.setdefault(run_id, ("",) * len(STATE_FAMILIES))
+        self._polls.setdefault(run_id, ("",) * len(POLL_FAMILIES))
+
+    def forget(self, run_id: str) -> None:
+        self._state.pop(run_id, None)
+        self._polls.pop(run_id, None)
+
+    def update(self, record: RunRecord, *, state_changed: bool) -> None:
+        if record.run_id not in self._polls:
+            return  # stopped being watched while its poll was in flight
+        if state_changed:
+            self._state[record.run_id] = render_state(record)
+        self._polls[record.run_id] = render_polls(record)
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """The whole exposition in the format the Accept header asks for."""
+        encoder, content_type = choose_encoder(accept)
+        openmetrics = content_type.startswith(OPENMETRICS)
+        state = list(self._state.values())
+        polls = list(self._polls.values())
+        parts: list[str] = []
+        for families, blocks in ((STATE_FAMILIES, state), (POLL_FAMILIES, polls)):
+            for index, family in enumerate(families):
+                parts.append(family.header(openmetrics))
+                parts.extend(block[index] for block in blocks)
+        parts.append(encoder(self.registry).decode())
+        return "".join(parts).encode(), content_type

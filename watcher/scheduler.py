@@ -1,0 +1,148 @@
+"""When each run is polled: one timer heap, one poll at most in flight per run.
+
+Runs in a transitional status come round every `fast_poll_interval`, others every
+`poll_interval`; every delay carries ±10 % jitter so thousands of runs spread out instead of
+firing in lockstep. A run whose polls keep failing backs off exponentially (capped), and an
+API that asked for patience with Retry-After gets it. Each poll is its own task, so a slow or
+failing run never holds up the others; the global limits on concurrency and request rate
+live in the API client, around each HTTP attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import structlog
+
+MAX_BACKOFF = 600.0
+JITTER = 0.1
+TICK = 1.0  # the loop wakes at least this often, which is what /healthz watches
+
+
+@dataclass(frozen=True, slots=True)
+class Cadence:
+    """What a finished poll says about when to poll that run next."""
+
+    fast: bool
+    failures: int = 0
+    retry_after: float | None = None
+
+
+def next_delay(
+    cadence: Cadence, poll_interval: float, fast_poll_interval: float, rng: random.Random
+) -> float:
+    base = fast_poll_interval if cadence.fast else poll_interval
+    if cadence.failures > 1:
+        ceiling = max(MAX_BACKOFF, poll_interval)
+        base = min(max(base, poll_interval) * 2 ** min(cadence.failures - 1, 20), ceiling)
+    if cadence.retry_after is not None:
+        base = max(base, cadence.retry_after)
+    return base * rng.uniform(1 - JITTER, 1 + JITTER)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        poll: Callable[[str], Awaitable[Cadence]],
+        *,
+        poll_interval: float,
+        fast_poll_interval: float,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._poll = poll
+        self._poll_interval = poll_interval
+        self._fast_interval = fast_poll_interval
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._heap: list[tuple[float, int, str]] = []
+        self._generation: dict[str, int] = {}  # watched runs; a re-added run gets a new number
+        self._counter = 0
+        self._inflight: dict[str, float] = {}  # run_id -> when its poll started
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self.heartbeat = clock()
+
+    @property
+    def run_ids(self) -> list[str]:
+        return list(self._generation)
+
+    def add(self, run_id: str, *, spread: float = 0.0) -> bool:
+        """Start polling a run within `spread` seconds; False if it is already watched."""
+        if run_id in self._generation:
+            return False
+        self._counter += 1
+        self._generation[run_id] = self._counter
+        self._push(run_id, self._rng.uniform(0, spread))
+        return True
+
+    def remove(self, run_id: str) -> bool:
+        # Its heap entry or in-flight poll finds the generation gone and lapses.
+        return self._generation.pop(run_id, None) is not None
+
+    def postpone(self, run_id: str, delay: float) -> None:
+        """Push a run's next individual poll out, e.g. after its status arrived another way."""
+        if run_id in self._generation and run_id not in self._inflight:
+            self._counter += 1
+            self._generation[run_id] = self._counter
+            self._push(run_id, delay)
+
+    def oldest_poll_age(self) -> float:
+        """Seconds the longest-running poll has been in flight (0 when none is)."""
+        if not self._inflight:
+            return 0.0
+        return self._clock() - min(self._inflight.values())
+
+    def _push(self, run_id: str, delay: float) -> None:
+        due = self._clock() + delay
+        heapq.heappush(self._heap, (due, self._generation[run_id], run_id))
+        if self._heap[0][2] == run_id:
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Poll until cancelled; cancelling also cancels every poll in flight."""
+        try:
+            while True:
+                now = self.heartbeat = self._clock()
+                while self._heap and self._heap[0][0] <= now:
+                    _due, generation, run_id = heapq.heappop(self._heap)
+                    if self._generation.get(run_id) == generation and run_id not in self._inflight:
+                        self._start(run_id, generation)
+                timeout = min(self._heap[0][0] - now, TICK) if self._heap else TICK
+                self._wake.clear()
+                try:
+                    async with asyncio.timeout(max(timeout, 0.0)):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _start(self, run_id: str, generation: int) -> None:
+        self._inflight[run_id] = self._clock()
+        task = asyncio.create_task(self._run_poll(run_id, generation), name=f"poll {run_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_poll(self, run_id: str, generation: int) -> None:
+        try:
+            cadence = await self._poll(run_id)
+        except Exception:
+            # A bug in handling one poll must not stop this run being polled, nor the others.
+            structlog.get_logger().exception("poll_crashed", run_id=run_id)
+            cadence = Cadence(fast=False, failures=1)
+        finally:
+            del self._inflight[run_id]
+        if self._generation.get(run_id) == generation:
+            delay = next_delay(cadence, self._poll_interval, self._fast_interval, self._rng)
+            self._push(run_id, delay)
+
+    def add_many(self, run_ids: Iterable[str], *, spread: float) -> list[str]:
+        return [run_id for run_id in run_ids if self.add(run_id, spread=spread)]
