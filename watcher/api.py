@@ -214,7 +214,7 @@ class LoopsClient:
         self._limiter = RateLimiter(max_requests_per_second)
         self._observer = observer
         self._sleep = sleep
-        self._backoff = wait_exponential_jitter(initial=0.5, max=8.0, jitter=0.5)
+        self._backoff = wait_exponential_jitter(multiplier=0.5, max=8.0, jitter=0.5)
 
     async def aclose(self) -> None:
         await self._http.aclose()

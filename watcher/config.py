@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 from pydantic import (
     AfterValidator,
@@ -166,9 +166,23 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that never echoes stray values: one might be a pasted API key."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            tokens = message.split(":", 1)[1].split()
+            flags = [token.split("=", 1)[0] for token in tokens if token.startswith("-")]
+            message = "unrecognized arguments: " + (" ".join(flags) or "(values not shown)")
+            if any(flag.startswith("--api-key") for flag in flags):
+                message += f"; the key is never a flag: set {API_KEY_ENV} or use --api-key-file"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="loops-watcher",
+        allow_abbrev=False,
         description="Watch Baseten Loops runs and export their sampler status to Prometheus.",
         epilog=f"Every option also reads {ENV_PREFIX}<OPTION> from the environment and "
         "<option> from the TOML file; precedence: flag > environment > file > default.",

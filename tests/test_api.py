@@ -1,0 +1,484 @@
+"""The API client: every outcome maps to one result; retries only where they should happen."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from watcher.api import (
+    RETRY_AFTER_CAP,
+    RUN_BODY_CAP,
+    LoopsClient,
+    RateLimiter,
+    Result,
+    parse_retry_after,
+)
+
+FAKE_KEY = "fake-key-for-tests"
+
+
+def run_body(run_id: str = "k4q95w5", status: str = "ACTIVE") -> dict[str, Any]:
+    return {
+        "run": {
+            "id": run_id,
+            "session_id": "s1",
+            "base_model": "Qwen/Qwen3-8B",
+            "base_url": "https://example.invalid/run",
+            "created_at": "2026-11-01T10:00:00Z",
+            "sampler": {
+                "id": "smp1",
+                "base_url": "https://example.invalid/sampler",
+                "base_model": "Qwen/Qwen3-8B",
+                "created_at": "2026-11-01T10:00:00Z",
+                "model_id": "m1",
+                "deployment_id": "d1",
+                "status": {"name": status},
+            },
+        }
+    }
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.codes: list[str] = []
+        self.retries: list[tuple[Result, int, float]] = []
+
+    def attempt_finished(self, code: str, seconds: float) -> None:
+        assert seconds >= 0
+        self.codes.append(code)
+
+    def retrying(self, result: Result, detail: str, attempt: int, delay: float) -> None:
+        self.retries.append((result, attempt, delay))
+
+
+class Sleeps:
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def make_client(
+    handler: Handler | None = None,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    api_url: str = "http://loops.test",
+    **options: Any,
+) -> tuple[LoopsClient, Recorder, Sleeps]:
+    recorder, sleeps = Recorder(), Sleeps()
+    settings: dict[str, Any] = {
+        "auth_scheme": "bearer",
+        "request_timeout": 2.0,
+        "max_retries": 3,
+        "max_concurrency": 4,
+        "max_requests_per_second": 10_000.0,
+    }
+    settings.update(options)
+    if transport is None:
+        assert handler is not None
+        transport = httpx.MockTransport(handler)
+    client = LoopsClient(
+        api_url=api_url,
+        api_key=FAKE_KEY,
+        observer=recorder,
+        transport=transport,
+        sleep=sleeps,
+        **settings,
+    )
+    return client, recorder, sleeps
+
+
+def sequence(*responses: httpx.Response | Exception) -> tuple[Handler, list[httpx.Request]]:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        item = responses[min(len(seen), len(responses)) - 1]
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    return handler, seen
+
+
+async def test_ok_sends_auth_and_parses_the_run() -> None:
+    handler, seen = sequence(httpx.Response(200, json=run_body()))
+    client, recorder, _ = make_client(handler)
+    outcome = await client.get_run("k4q95w5")
+    assert outcome.result is Result.OK
+    assert outcome.value is not None
+    assert outcome.value.sampler is not None
+    assert outcome.value.sampler.status == "ACTIVE"
+    assert outcome.attempts == 1
+    assert seen[0].url.path == "/v1/loops/runs/k4q95w5"
+    assert seen[0].headers["authorization"] == f"Bearer {FAKE_KEY}"
+    assert seen[0].headers["user-agent"].startswith("loops-watcher/")
+    assert recorder.codes == ["200"]
+
+
+async def test_api_key_scheme() -> None:
+    handler, seen = sequence(httpx.Response(200, json=run_body()))
+    client, _, _ = make_client(handler, auth_scheme="api-key")
+    await client.get_run("k4q95w5")
+    assert seen[0].headers["authorization"] == f"Api-Key {FAKE_KEY}"
+
+
+@pytest.mark.parametrize(
+    ("status", "result"),
+    [
+        (401, Result.UNAUTHORIZED),
+        (403, Result.FORBIDDEN),
+        (404, Result.NOT_FOUND),
+        (400, Result.INVALID_RESPONSE),
+        (501, Result.SERVER_ERROR),
+    ],
+)
+async def test_final_statuses_are_not_retried(status: int, result: Result) -> None:
+    handler, seen = sequence(httpx.Response(status, json={"error": "nope"}))
+    client, recorder, sleeps = make_client(handler)
+    outcome = await client.get_run("k4q95w5")
+    assert outcome.result is result
+    assert outcome.attempts == 1
+    assert len(seen) == 1
+    assert recorder.retries == []
+    assert sleeps.calls == []
+    assert "nope" in outcome.detail
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 429])
+async def test_transient_statuses_are_retried_then_succeed(status: int) -> None:
+    handler, seen = sequence(
+        httpx.Response(status), httpx.Response(status), httpx.Response(200, json=run_body())
+    )
+    client, recorder, sleeps = make_client(handler)
+    outcome = await client.get_run("k4q95w5")
+    assert outcome.result is Result.OK
+    assert outcome.attempts == 3
+    assert len(seen) == 3
+    expected = Result.RATE_LIMITED if status == 429 else Result.SERVER_ERROR
+    assert [(reason, attempt) for reason, attempt, _ in recorder.retries] == [
+        (expected, 1),
+        (expected, 2),
+    ]
+    assert recorder.codes == [str(status), str(status), "200"]
+    assert len(sleeps.calls) == 2
+    assert all(0 < delay <= 8.5 for delay in sleeps.calls)
+
+
+async def test_retries_stop_at_max_retries() -> None:
+    handler, seen = sequence(httpx.Response(503, json={"message": "maintenance"}))
+    client, recorder, _ = make_client(handler, max_retries=2)
+    outcome = await client.get_run("k4q95w5")
+    assert outcome.result is Result.SERVER_ERROR
+    assert outcome.attempts == 3
+    assert len(seen) == 3
+    assert len(recorder.retries) == 2
+    assert "maintenance" in outcome.detail
+
+
+async def test_zero_retries() -> None:
+    handler, seen = sequence(httpx.Response(503))
+    client, _, _ = make_client(handler, max_retries=0)
+    assert (await client.get_run("k4q95w5")).attempts == 1
+    assert len(seen) == 1
+
+
+async def test_retry_after_seconds_is_honoured() -> None:
+    handler, _ = sequence(
+        httpx.Response(429, headers={"Retry-After": "7"}), httpx.Response(200, json=run_body())
+    )
+    client, _, sleeps = make_client(handler)
+    assert (await client.get_run("k4q95w5")).result is Result.OK
+    assert sleeps.calls == [7.0]
+
+
+async def test_retry_after_is_capped() -> None:
+    handler, _ = sequence(
+        httpx.Response(503, headers={"Retry-After": "3600"}), httpx.Response(200, json=run_body())
+    )
+    client, _, sleeps = make_client(handler)
+    await client.get_run("k4q95w5")
+    assert sleeps.calls == [RETRY_AFTER_CAP]
+
+
+async def test_retry_after_http_date() -> None:
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=20), usegmt=True)
+    handler, _ = sequence(
+        httpx.Response(429, headers={"Retry-After": when}), httpx.Response(200, json=run_body())
+    )
+    client, _, sleeps = make_client(handler)
+    await client.get_run("k4q95w5")
+    assert 17 <= sleeps.calls[0] <= 20
+
+
+async def test_final_retry_after_is_reported_for_the_next_poll() -> None:
+    handler, _ = sequence(httpx.Response(429, headers={"Retry-After": "45"}))
+    client, _, _ = make_client(handler, max_retries=0)
+    outcome = await client.get_run("k4q95w5")
+    assert outcome.result is Result.RATE_LIMITED
+    assert outcome.retry_after == 45
+
+
+def test_parse_retry_after() -> None:
+    now = time.time()
+    assert parse_retry_after("0", now) == 0
+    assert parse_retry_after("2.5", now) == 2.5
+    assert parse_retry_after("-4", now) == 0
+    assert parse_retry_after("999", now) == RETRY_AFTER_CAP
+    assert parse_retry_after("soon", now) is None
+    assert parse_retry_after("inf", now) is None
+    assert parse_retry_after(None, now) is None
+    past = format_datetime(datetime.now(UTC) - timedelta(hours=1), usegmt=True)
+    assert parse_retry_after(past, now) == 0
+
+
+@pytest.mark.parametrize(
+    ("response", "detail"),
+    [
+        (httpx.Response(200, text="<html>oops</html>"), "bad body"),
+        (httpx.Response(200, json={"runs": []}), "no 'run' object"),
+        (httpx.Response(200, json={"run": {"id": "k4q95w5"}}), "is missing"),
+        (httpx.Response(200, json=run_body(run_id="other12")), "asked for run"),
+        (
+            httpx.Response(302, headers={"Location": "http://elsewhere.invalid/"}),
+            "not followed",
+        ),
+    ],
+)
+async def test_invalid_responses_are_not_retried(response: httpx.Response, detail: str) -> None:
+    handler, seen = sequence(response)
+    client, _, _ = make_client(handler)
+    outcome = await client.get_run("k4q95w5")
+    assert outcome.result is Result.INVALID_RESPONSE
+    assert detail in outcome.detail
+    assert len(seen) == 1
+
+
+async def test_missing_sampler_status_is_invalid() -> None:
+    body = run_body()
+    del body["run"]["sampler"]["status"]
+    handler, _ = sequence(httpx.Response(200, json=body))
+    client, _, _ = make_client(handler)
+    outcome = await client.get_run("k4q95w5")
+    assert outcome.result is Result.INVALID_RESPONSE
+    assert "sampler.status" in outcome.detail
+
+
+async def test_schema_drift_is_tolerated() -> None:
+    body = run_body(status="HIBERNATING")
+    body["run"]["brand_new_field"] = {"nested": [1, 2]}
+    body["run"]["sampler"]["node_count"] = "many"
+    handler, _ = sequence(httpx.Response(200, json=body))
+    client, _, _ = make_client(handler)
+    outcome = await client.get_run("k4q95w5")
+    assert outcome.result is Result.OK
+    assert outcome.value is not None
+    assert outcome.value.sampler is not None
+    assert outcome.value.sampler.status == "HIBERNATING"
+
+
+@pytest.mark.parametrize(
+    ("error", "result"),
+    [
+        (httpx.ConnectError("refused"), Result.CONNECTION_ERROR),
+        (httpx.ReadError("reset"), Result.CONNECTION_ERROR),
+        (httpx.RemoteProtocolError("truncated"), Result.CONNECTION_ERROR),
+        (httpx.ReadTimeout("slow"), Result.TIMEOUT),
+        (httpx.ConnectTimeout("slow"), Result.TIMEOUT),
+    ],
+)
+async def test_transport_failures_are_retried(error: Exception, result: Result) -> None:
+    handler, seen = sequence(error)
+    client, recorder, _ = make_client(handler, max_retries=1)
+    outcome = await client.get_run("k4q95w5")
+    assert outcome.result is result
+    assert outcome.code == "error"
+    assert len(seen) == 2
+    assert recorder.codes == ["error", "error"]
+
+
+async def test_declared_oversized_body_is_refused() -> None:
+    handler, _ = sequence(
+        httpx.Response(200, headers={"Content-Length": str(RUN_BODY_CAP + 1)}, content=b"{}")
+    )
+    client, _, _ = make_client(handler)
+    outcome = await client.get_run("k4q95w5")
+    assert outcome.result is Result.INVALID_RESPONSE
+    assert "cap" in outcome.detail
+
+
+async def test_streamed_oversized_body_is_refused_without_buffering_it() -> None:
+    produced = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal produced
+        while True:
+            produced += 64 * 1024
+            yield b" " * (64 * 1024)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=endless())
+
+    client, _, _ = make_client(handler)
+    outcome = await client.get_run("k4q95w5")
+    assert outcome.result is Result.INVALID_RESPONSE
+    assert produced <= RUN_BODY_CAP + 128 * 1024
+
+
+async def test_list_runs_passes_filters() -> None:
+    body = {"runs": [run_body("a1")["run"], run_body("b2", "FAILED")["run"]]}
+    handler, seen = sequence(httpx.Response(200, json=body))
+    client, _, _ = make_client(handler)
+    outcome = await client.list_runs(scope="org", base_model="Qwen/Qwen3-8B", expected_runs=2)
+    assert outcome.result is Result.OK
+    assert outcome.value is not None
+    assert [run.id for run in outcome.value] == ["a1", "b2"]
+    assert seen[0].url.params["scope"] == "org"
+    assert seen[0].url.params["base_model"] == "Qwen/Qwen3-8B"
+    handler, seen = sequence(httpx.Response(200, json={"runs": []}))
+    client, _, _ = make_client(handler)
+    await client.list_runs(scope=None, base_model=None, expected_runs=0)
+    assert "scope" not in seen[0].url.params
+
+
+async def test_cancellation_is_never_retried() -> None:
+    started = asyncio.Event()
+    calls = 0
+
+    class Hanging(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            nonlocal calls
+            calls += 1
+            started.set()
+            await asyncio.sleep(3600)
+            raise AssertionError("unreachable")
+
+    client, recorder, _ = make_client(transport=Hanging())
+    task = asyncio.create_task(client.get_run("k4q95w5"))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert calls == 1
+    assert recorder.retries == []
+
+
+async def test_rate_limiter_paces_attempts() -> None:
+    limiter = RateLimiter(50.0)
+    start = time.monotonic()
+    for _ in range(11):
+        await limiter.wait()
+    assert time.monotonic() - start >= 0.19
+
+
+# --- a real socket: deadlines and the connection pool ------------------------------------
+
+
+class MisbehavingServer:
+    """A loopback HTTP server whose behaviour the test switches between modes."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> MisbehavingServer:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ")[1].decode()
+                body = json.dumps(run_body(path.rsplit("/", 1)[1])).encode()
+                mode = self.mode
+                if mode == "stall":
+                    await asyncio.sleep(3600)
+                header = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                writer.write(header)
+                if mode == "trickle":
+                    for byte in body:
+                        writer.write(bytes([byte]))
+                        await writer.drain()
+                        await asyncio.sleep(0.02)
+                else:
+                    writer.write(body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()
+
+
+async def test_trickled_body_hits_the_hard_deadline() -> None:
+    async with MisbehavingServer() as server:
+        server.mode = "trickle"
+        client = LoopsClient(
+            api_url=server.url,
+            api_key=FAKE_KEY,
+            auth_scheme="bearer",
+            request_timeout=0.5,
+            max_retries=0,
+            max_concurrency=2,
+            max_requests_per_second=1000,
+            observer=Recorder(),
+        )
+        start = time.monotonic()
+        outcome = await client.get_run("k4q95w5")
+        elapsed = time.monotonic() - start
+        await client.aclose()
+    assert outcome.result is Result.TIMEOUT
+    # httpx's per-read timeout alone would let this body run for ~7 s.
+    assert 0.45 <= elapsed < 1.0
+
+
+async def test_hundreds_of_deadline_hits_leave_the_pool_healthy() -> None:
+    async with MisbehavingServer() as server:
+        client = LoopsClient(
+            api_url=server.url,
+            api_key=FAKE_KEY,
+            auth_scheme="bearer",
+            request_timeout=0.05,
+            max_retries=0,
+            max_concurrency=4,
+            max_requests_per_second=100_000,
+            observer=Recorder(),
+        )
+        results: list[Result] = []
+        for mode in ("stall", "trickle"):
+            server.mode = mode
+            outcomes = await asyncio.gather(*(client.get_run(f"r{i}") for i in range(160)))
+            results += [outcome.result for outcome in outcomes]
+        # Cancellations from outside too, as at shutdown, while requests queue for slots.
+        tasks = [asyncio.create_task(client.get_run(f"c{i}")) for i in range(40)]
+        await asyncio.sleep(0.03)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+        server.mode = "ok"
+        healthy = await asyncio.wait_for(
+            asyncio.gather(*(client.get_run(f"ok{i}") for i in range(40))), timeout=10
+        )
+        await client.aclose()
+    assert results.count(Result.TIMEOUT) == 320
+    assert [outcome.result for outcome in healthy] == [Result.OK] * 40

@@ -1,0 +1,213 @@
+"""Configuration: precedence, validation messages, the key, the run-IDs file."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from watcher.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    read_run_ids_file,
+    redacted,
+    to_toml,
+)
+
+FAKE_KEY = "fake-test-key-0000"
+BASE_ENV = {"BASETEN_API_KEY": FAKE_KEY}
+
+
+def load(argv: list[str], env: dict[str, str] | None = None, tty: bool = False) -> Settings:
+    return load_settings(argv, {**BASE_ENV, **(env or {})}, stdout_is_tty=tty)
+
+
+def test_defaults_follow_the_contract() -> None:
+    settings = load(["--run-id", "abc1234"])
+    assert settings.api_url == "https://api.baseten.co"
+    assert settings.auth_scheme == "bearer"
+    assert settings.poll_interval == 30
+    assert settings.fast_poll_interval == 5
+    assert settings.request_timeout == 10
+    assert settings.max_retries == 3
+    assert settings.max_concurrency == 16
+    assert settings.max_requests_per_second == 20
+    assert settings.listen_address == "0.0.0.0:9877"
+    assert settings.log_format == "json"
+    assert settings.log_level == "info"
+    assert settings.api_key is not None
+    assert settings.api_key.get_secret_value() == FAKE_KEY
+
+
+def test_log_format_defaults_to_console_on_a_terminal() -> None:
+    assert load(["--run-id", "a"], tty=True).log_format == "console"
+
+
+def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None:
+    config = tmp_path / "watcher.toml"
+    config.write_text(
+        'poll_interval = 11\nfast_poll_interval = 2\nmax_retries = 5\nrun_id = ["f1"]\n'
+    )
+    env = {"LOOPS_WATCHER_POLL_INTERVAL": "12", "LOOPS_WATCHER_FAST_POLL_INTERVAL": "3"}
+    settings = load(["--config", str(config), "--poll-interval", "13"], env)
+    assert settings.poll_interval == 13  # flag
+    assert settings.fast_poll_interval == 3  # environment
+    assert settings.max_retries == 5  # file
+    assert settings.request_timeout == 10  # default
+    assert settings.run_id == ("f1",)
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    config = tmp_path / "w.toml"
+    config.write_text('run_id = "solo123"\n')
+    settings = load([], {"LOOPS_WATCHER_CONFIG": str(config)})
+    assert settings.run_id == ("solo123",)
+
+
+def test_repeatable_run_id_and_env_list() -> None:
+    assert load(["--run-id", "a1", "--run-id", "b2"]).run_id == ("a1", "b2")
+    assert load([], {"LOOPS_WATCHER_RUN_ID": "a1, b2 c3"}).run_id == ("a1", "b2", "c3")
+
+
+def test_booleans_from_environment() -> None:
+    assert load([], {"LOOPS_WATCHER_DEMO": "true"}).demo
+    with pytest.raises(ConfigError, match="LOOPS_WATCHER_ONCE: 'maybe' is not a boolean"):
+        load(["--run-id", "a"], {"LOOPS_WATCHER_ONCE": "maybe"})
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        (
+            ["--poll-interval", "abc"],
+            {},
+            r"--poll-interval \(from command line\): invalid value 'abc'",
+        ),
+        (["--poll-interval", "0"], {}, r"--poll-interval .*greater than 0"),
+        (["--poll-interval", "nan"], {}, r"--poll-interval .*'nan'"),
+        (
+            [],
+            {"LOOPS_WATCHER_MAX_RETRIES": "-1"},
+            r"--max-retries \(from environment LOOPS_WATCHER_MAX_RETRIES\): invalid value '-1'",
+        ),
+        (["--max-concurrency", "0"], {}, r"--max-concurrency .*'0'"),
+        (["--api-url", "ftp://x"], {}, r"--api-url .*not an http\(s\) URL"),
+        (["--listen-address", "9877"], {}, r"--listen-address .*not HOST:PORT"),
+        (["--run-id", "../etc"], {}, r"--run-id .*not a run ID"),
+    ],
+)
+def test_bad_values_name_option_source_and_value(
+    argv: list[str], env: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load(["--run-id", "ok1", *argv] if "--run-id" not in argv else argv, env)
+
+
+def test_bad_file_value_names_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "w.toml"
+    config.write_text('run_id = ["a"]\npoll_interval = "soon"\n')
+    with pytest.raises(
+        ConfigError, match=r"--poll-interval \(from config file .*w.toml\): invalid value 'soon'"
+    ):
+        load(["--config", str(config)])
+
+
+def test_unknown_file_key_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "w.toml"
+    config.write_text("poll_intervall = 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'poll_intervall'"):
+        load(["--config", str(config), "--run-id", "a"])
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(["--config", str(tmp_path / "missing.toml")])
+    broken = tmp_path / "broken.toml"
+    broken.write_text("poll_interval = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(["--config", str(broken)])
+
+
+def test_unrelated_prefixed_variables_are_ignored() -> None:
+    # Kubernetes injects LOOPS_WATCHER_PORT and friends for a Service named loops-watcher.
+    env = {"LOOPS_WATCHER_PORT": "tcp://10.0.0.1:9877", "LOOPS_WATCHER_SERVICE_HOST": "10.0.0.1"}
+    assert load(["--run-id", "a"], env).run_id == ("a",)
+
+
+def test_missing_key_says_how_to_provide_it() -> None:
+    with pytest.raises(ConfigError, match=r"BASETEN_API_KEY.*--api-key-file.*--demo"):
+        load_settings(["--run-id", "a"], {}, stdout_is_tty=False)
+
+
+def test_key_from_file_wins_and_is_stripped(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("file-key-1234\n")
+    settings = load(["--run-id", "a", "--api-key-file", str(key_file)])
+    assert settings.api_key is not None
+    assert settings.api_key.get_secret_value() == "file-key-1234"
+
+
+def test_bad_key_files_never_echo_the_key(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("  \n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load(["--run-id", "a", "--api-key-file", str(empty)])
+    spaced = tmp_path / "spaced"
+    spaced.write_text("secret part two\n")
+    with pytest.raises(ConfigError, match="whitespace") as caught:
+        load(["--run-id", "a", "--api-key-file", str(spaced)])
+    assert "secret" not in str(caught.value).split(":", 1)[1].replace("whitespace", "")
+
+
+@pytest.mark.parametrize("argv", [["--api-key", FAKE_KEY], [f"--api-key={FAKE_KEY}"]])
+def test_key_is_not_a_flag_and_is_not_echoed(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        load(["--run-id", "a", *argv])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "--api-key" in err
+    assert "BASETEN_API_KEY" in err
+    assert FAKE_KEY not in err
+
+
+def test_nothing_to_watch() -> None:
+    with pytest.raises(ConfigError, match="nothing to watch"):
+        load([])
+
+
+def test_demo_needs_no_key_and_no_runs() -> None:
+    settings = load_settings(["--demo"], {}, stdout_is_tty=False)
+    assert settings.demo
+    assert settings.api_key is None
+
+
+def test_run_ids_file(tmp_path: Path) -> None:
+    path = tmp_path / "runs.txt"
+    path.write_text("# production runs\nk4q95w5\n\n7wq2m3x  # the big one\nk4q95w5\n")
+    assert read_run_ids_file(path) == ("k4q95w5", "7wq2m3x")
+    path.write_text("good1\nbad id\n")
+    with pytest.raises(ConfigError, match="line 2"):
+        read_run_ids_file(path)
+
+
+def test_run_ids_file_checked_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--run-ids-file: file .* does not exist"):
+        load(["--run-ids-file", str(tmp_path / "nope")])
+
+
+def test_effective_config_is_redacted_and_reusable(tmp_path: Path) -> None:
+    settings = load(["--run-id", "a1", "--poll-interval", "7"])
+    shown = redacted(settings)
+    assert shown["api_key"] == "<redacted>"
+    text = to_toml(shown)
+    assert FAKE_KEY not in text
+    reloaded = tomllib.loads(text)
+    assert reloaded["poll_interval"] == 7
+    assert reloaded["run_id"] == ["a1"]
+    path = tmp_path / "again.toml"
+    path.write_text(text)
+    assert load(["--config", str(path)]).poll_interval == 7
