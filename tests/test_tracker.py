@@ -2,30 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from factories import make_run
 
 from watcher.api import Result
-from watcher.model import Run, Sampler
 from watcher.tracker import Changed, Observed, Tracker, Undocumented
-
-
-def make_run(status: str | None, run_id: str = "k4q95w5", **changes: object) -> Run:
-    sampler = (
-        None
-        if status is None
-        else Sampler(
-            id="smp1", status=status, model_id="m1", deployment_id="d1", base_model="Qwen/Qwen3-8B"
-        )
-    )
-    run = Run(
-        id=run_id,
-        session_id="s1",
-        base_model="Qwen/Qwen3-8B",
-        created_at=1_700_000_000.0,
-        sampler=sampler,
-        name="sft",
-    )
-    return replace(run, **changes)  # type: ignore[arg-type]
 
 
 def test_first_sight_is_an_observation_not_a_transition() -> None:

@@ -1,0 +1,225 @@
+"""Exposition: cached per-run blocks parse to exactly the samples the contract names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from factories import make_run
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+from prometheus_client.samples import Sample
+
+from watcher.api import Result
+from watcher.metrics import Metrics
+from watcher.model import SAMPLER_STATUSES
+from watcher.tracker import Tracker
+
+OPENMETRICS_ACCEPT = "application/openmetrics-text; version=1.0.0"
+
+
+def canonical(found: list[Sample]) -> list[tuple[str, list[tuple[str, str]], float]]:
+    return sorted(
+        (s.name, sorted(s.labels.items()), s.value)
+        for s in found
+        if not s.name.endswith("_created")
+    )
+
+
+def samples(text: str, openmetrics: bool = False) -> dict[str, list[Sample]]:
+    families = parse_om(text) if openmetrics else parse_text(text)  # type: ignore[no-untyped-call]
+    out: dict[str, list[Sample]] = {}
+    for family in families:
+        out.setdefault(family.name, []).extend(family.samples)
+    return out
+
+
+def value(found: dict[str, list[Sample]], family: str, **labels: str) -> float:
+    matches = [s.value for s in found.get(family, []) if labels.items() <= s.labels.items()]
+    assert len(matches) == 1, (family, labels, matches)
+    return matches[0]
+
+
+@pytest.fixture
+def world() -> tuple[Tracker, Metrics]:
+    tracker, metrics = Tracker(), Metrics(CollectorRegistry(), "1.2.3")
+    for run_id in ("k4q95w5", "7wq2m3x"):
+        tracker.watch(run_id)
+        metrics.watch(run_id)
+    return tracker, metrics
+
+
+def observe(
+    tracker: Tracker, metrics: Metrics, sampler_status: str | None, at: float, **kw: Any
+) -> None:
+    run = make_run(sampler_status, **kw)
+    _, changed = tracker.record_success(run, at)
+    metrics.update(tracker.runs[run.id], state_changed=changed)
+
+
+def test_state_set_and_identity(world: tuple[Tracker, Metrics]) -> None:
+    tracker, metrics = world
+    observe(tracker, metrics, "SCALED_TO_ZERO", 100.0)
+    observe(tracker, metrics, "WAKING_UP", 130.0)
+    body, content_type = metrics.render("")
+    assert content_type.startswith("text/plain")
+    found = samples(body.decode())
+    states = [s for s in found["baseten_loops_sampler_status"] if s.labels["run_id"] == "k4q95w5"]
+    assert sorted(s.labels["status"] for s in states) == sorted(SAMPLER_STATUSES)
+    assert {s.labels["status"]: s.value for s in states if s.value == 1} == {"WAKING_UP": 1}
+    assert value(found, "baseten_loops_run_info", run_id="k4q95w5") == 1
+    info = found["baseten_loops_run_info"][0].labels
+    assert info == {
+        "run_id": "k4q95w5",
+        "run_name": "sft",
+        "session_id": "s1",
+        "base_model": "Qwen/Qwen3-8B",
+        "sampler_id": "smp1",
+        "model_id": "m1",
+        "deployment_id": "d1",
+    }
+    assert value(found, "baseten_loops_run_created_timestamp_seconds", run_id="k4q95w5") == 1.7e9
+    assert (
+        value(found, "baseten_loops_sampler_status_since_timestamp_seconds", run_id="k4q95w5")
+        == 130.0
+    )
+    assert (
+        value(
+            found,
+            "baseten_loops_sampler_status_transitions",
+            from_status="SCALED_TO_ZERO",
+            to_status="WAKING_UP",
+        )
+        == 1
+    )
+    assert value(found, "loops_watcher_poll_success", run_id="k4q95w5") == 1
+    assert value(found, "loops_watcher_last_success_timestamp_seconds", run_id="k4q95w5") == 130
+    assert value(found, "loops_watcher_polls", run_id="k4q95w5", result="ok") == 2
+    assert value(found, "loops_watcher_build_info", version="1.2.3") == 1
+    assert value(found, "loops_watcher_watched_runs") == 2
+    # The run never polled yet exports nothing per run.
+    assert not any(s.labels.get("run_id") == "7wq2m3x" for f in found.values() for s in f)
+
+
+def test_run_status_state_set_when_reported(world: tuple[Tracker, Metrics]) -> None:
+    tracker, metrics = world
+    observe(tracker, metrics, "ACTIVE", 1.0, status="INACTIVE")
+    found = samples(metrics.render("")[0].decode())
+    assert value(found, "baseten_loops_run_status", status="INACTIVE") == 1
+    assert value(found, "baseten_loops_run_status", status="ACTIVE") == 0
+
+
+def test_failed_poll_keeps_status_and_zeroes_success(world: tuple[Tracker, Metrics]) -> None:
+    tracker, metrics = world
+    observe(tracker, metrics, "ACTIVE", 1.0)
+    metrics.update(tracker.record_failure("k4q95w5", Result.TIMEOUT), state_changed=False)
+    found = samples(metrics.render("")[0].decode())
+    assert value(found, "baseten_loops_sampler_status", status="ACTIVE") == 1
+    assert value(found, "loops_watcher_poll_success", run_id="k4q95w5") == 0
+    assert value(found, "loops_watcher_polls", result="timeout") == 1
+    assert value(found, "loops_watcher_last_success_timestamp_seconds", run_id="k4q95w5") == 1
+
+
+def test_undocumented_status_gets_its_own_series(world: tuple[Tracker, Metrics]) -> None:
+    tracker, metrics = world
+    observe(tracker, metrics, "HIBERNATING", 1.0)
+    found = samples(metrics.render("")[0].decode())
+    states = found["baseten_loops_sampler_status"]
+    assert len(states) == 15
+    assert value(found, "baseten_loops_sampler_status", status="HIBERNATING") == 1
+    assert sum(s.value for s in states) == 1
+
+
+def test_trainer_only_run_has_identity_but_no_sampler_series(
+    world: tuple[Tracker, Metrics],
+) -> None:
+    tracker, metrics = world
+    observe(tracker, metrics, None, 1.0)
+    found = samples(metrics.render("")[0].decode())
+    assert "baseten_loops_sampler_status" not in found or not found["baseten_loops_sampler_status"]
+    assert value(found, "baseten_loops_run_info", run_id="k4q95w5", sampler_id="") == 1
+    assert not found.get("baseten_loops_sampler_status_since_timestamp_seconds")
+
+
+def test_forgotten_run_loses_every_series(world: tuple[Tracker, Metrics]) -> None:
+    tracker, metrics = world
+    observe(tracker, metrics, "ACTIVE", 1.0)
+    observe(tracker, metrics, "FAILED", 2.0)
+    metrics.forget("k4q95w5")
+    tracker.unwatch("k4q95w5")
+    text = metrics.render("")[0].decode()
+    assert "k4q95w5" not in text
+    assert value(samples(text), "loops_watcher_watched_runs") == 1
+
+
+def test_late_update_of_forgotten_run_is_dropped(world: tuple[Tracker, Metrics]) -> None:
+    tracker, metrics = world
+    metrics.forget("k4q95w5")
+    observe(tracker, metrics, "ACTIVE", 1.0)
+    assert "k4q95w5" not in metrics.render("")[0].decode()
+
+
+def test_label_values_are_escaped(world: tuple[Tracker, Metrics]) -> None:
+    tracker, metrics = world
+    tricky = 'he said "hi"\\ then\nleft'
+    observe(tracker, metrics, "ACTIVE", 1.0, name=tricky)
+    found = samples(metrics.render("")[0].decode())
+    assert found["baseten_loops_run_info"][0].labels["run_name"] == tricky
+
+
+def test_openmetrics_on_request(world: tuple[Tracker, Metrics]) -> None:
+    tracker, metrics = world
+    observe(tracker, metrics, "ACTIVE", 1.0)
+    observe(tracker, metrics, "UNHEALTHY", 2.0)
+    metrics.status_duration.labels("ACTIVE").observe(1.0)
+    body, content_type = metrics.render(OPENMETRICS_ACCEPT)
+    assert content_type.startswith("application/openmetrics-text")
+    text = body.decode()
+    assert text.endswith("# EOF\n")
+    assert text.count("# EOF") == 1
+    found = samples(text, openmetrics=True)  # the strict parser rejects any format slip
+    assert value(found, "baseten_loops_sampler_status_transitions", to_status="UNHEALTHY") == 1
+    assert value(found, "loops_watcher_polls", result="ok") == 2
+
+
+class Reference:
+    """The same per-run samples built with prometheus-client's own families and formatter."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+
+    def collect(self) -> Iterator[Metric]:
+        status = GaugeMetricFamily("baseten_loops_sampler_status", "x", labels=["run_id", "status"])
+        transitions = CounterMetricFamily(
+            "baseten_loops_sampler_status_transitions",
+            "x",
+            labels=["run_id", "from_status", "to_status"],
+        )
+        polls = CounterMetricFamily("loops_watcher_polls", "x", labels=["run_id", "result"])
+        for record in self.tracker.runs.values():
+            if record.status is not None:
+                for name in SAMPLER_STATUSES:
+                    status.add_metric([record.run_id, name], float(name == record.status))
+            for (old, new), count in record.transitions.items():
+                transitions.add_metric([record.run_id, old, new], count)
+            for result, count in record.polls.items():
+                polls.add_metric([record.run_id, result], count)
+        yield from (status, transitions, polls)
+
+
+def test_cached_blocks_match_prometheus_client_formatting(world: tuple[Tracker, Metrics]) -> None:
+    tracker, metrics = world
+    for at, status in enumerate(["SCALED_TO_ZERO", "WAKING_UP", "ACTIVE", "FAILED", "ACTIVE"]):
+        observe(tracker, metrics, status, float(at))
+        observe(tracker, metrics, "BUILDING" if at < 2 else "DEPLOYING", float(at), id="7wq2m3x")
+    metrics.update(tracker.record_failure("7wq2m3x", Result.SERVER_ERROR), state_changed=False)
+    ours = samples(metrics.render("")[0].decode())
+    registry = CollectorRegistry()
+    registry.register(Reference(tracker))
+    reference = samples(generate_latest(registry).decode())
+    for family in ("baseten_loops_sampler_status", "baseten_loops_sampler_status_transitions"):
+        assert canonical(ours[family]) == canonical(reference[family])
+    assert canonical(ours["loops_watcher_polls"]) == canonical(reference["loops_watcher_polls"])
