@@ -1,0 +1,134 @@
+"""Scheduling: cadence by status, back-off, jitter, and one poll per run at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+
+import pytest
+
+from watcher.scheduler import MAX_BACKOFF, Cadence, Scheduler, next_delay
+
+
+def fixed_rng() -> random.Random:
+    return random.Random(42)
+
+
+@pytest.mark.parametrize(
+    ("cadence", "low", "high"),
+    [
+        (Cadence(fast=False), 27, 33),
+        (Cadence(fast=True), 4.5, 5.5),
+        (Cadence(fast=False, failures=1), 27, 33),
+        (Cadence(fast=False, failures=2), 54, 66),
+        (Cadence(fast=False, failures=3), 108, 132),
+        (Cadence(fast=False, failures=50), MAX_BACKOFF * 0.9, MAX_BACKOFF * 1.1),
+        (Cadence(fast=False, retry_after=45), 40.5, 49.5),
+    ],
+)
+def test_next_delay(cadence: Cadence, low: float, high: float) -> None:
+    delays = [next_delay(cadence, 30, 5, fixed_rng()) for _ in range(20)]
+    assert all(low <= delay <= high for delay in delays)
+
+
+def test_jitter_spreads_runs() -> None:
+    rng = fixed_rng()
+    delays = {round(next_delay(Cadence(fast=False), 30, 5, rng), 3) for _ in range(100)}
+    assert len(delays) > 90
+
+
+async def test_each_run_polled_repeatedly_never_twice_at_once() -> None:
+    inflight: set[str] = set()
+    polls: Counter[str] = Counter()
+    overlaps: list[str] = []
+
+    async def poll(run_id: str) -> Cadence:
+        if run_id in inflight:
+            overlaps.append(run_id)
+        inflight.add(run_id)
+        polls[run_id] += 1
+        # The slow run takes far longer than its interval.
+        await asyncio.sleep(0.5 if run_id == "slow" else 0.001)
+        inflight.discard(run_id)
+        return Cadence(fast=True)
+
+    scheduler = Scheduler(poll, poll_interval=0.05, fast_poll_interval=0.02)
+    for run_id in ("a", "b", "slow"):
+        scheduler.add(run_id)
+    task = asyncio.create_task(scheduler.run())
+    await asyncio.sleep(0.6)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert overlaps == []
+    assert polls["slow"] <= 2
+    # A slow run does not hold the others up.
+    assert polls["a"] >= 10
+    assert polls["b"] >= 10
+
+
+async def test_removed_run_stops_and_readded_run_restarts() -> None:
+    polls: Counter[str] = Counter()
+
+    async def poll(run_id: str) -> Cadence:
+        polls[run_id] += 1
+        return Cadence(fast=True)
+
+    scheduler = Scheduler(poll, poll_interval=0.05, fast_poll_interval=0.02)
+    scheduler.add("a")
+    assert not scheduler.add("a")
+    task = asyncio.create_task(scheduler.run())
+    await asyncio.sleep(0.2)
+    assert scheduler.remove("a")
+    before = polls["a"]
+    await asyncio.sleep(0.2)
+    assert polls["a"] <= before + 1  # at most the poll that was already in flight
+    scheduler.add("a")
+    await asyncio.sleep(0.2)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert polls["a"] > before + 3
+
+
+async def test_crashing_poll_is_contained() -> None:
+    calls: Counter[str] = Counter()
+
+    async def poll(run_id: str) -> Cadence:
+        calls[run_id] += 1
+        if run_id == "bad":
+            raise RuntimeError("bug")
+        return Cadence(fast=True)
+
+    scheduler = Scheduler(poll, poll_interval=0.02, fast_poll_interval=0.02)
+    scheduler.add("bad")
+    scheduler.add("good")
+    task = asyncio.create_task(scheduler.run())
+    await asyncio.sleep(0.2)
+    assert not task.done()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert calls["bad"] >= 2
+    assert calls["good"] >= 5
+
+
+async def test_cancel_stops_polls_in_flight_and_heartbeat_moves() -> None:
+    cancelled = asyncio.Event()
+
+    async def poll(run_id: str) -> Cadence:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return Cadence(fast=False)
+
+    scheduler = Scheduler(poll, poll_interval=1, fast_poll_interval=1)
+    scheduler.add("a")
+    task = asyncio.create_task(scheduler.run())
+    await asyncio.sleep(0.05)
+    assert scheduler.oldest_poll_age() > 0
+    assert time.monotonic() - scheduler.heartbeat < 1.5
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert cancelled.is_set()
