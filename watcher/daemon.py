@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import time
 from collections.abc import Callable
@@ -32,6 +33,14 @@ from watcher.tracker import Changed, Event, Observed, Tracker, Undocumented
 FILE_CHECK_INTERVAL = 2.0
 HEARTBEAT_LIMIT = 15.0
 KEY_REJECTED = frozenset({Result.UNAUTHORIZED, Result.FORBIDDEN})
+# From this many watched runs on, statuses come from one list request per interval.
+LIST_MODE_MIN_RUNS = 10
+# A settled run covered by the list is polled on its own only if the list goes quiet this long
+# (in poll intervals): one list round may fail without anyone noticing a gap.
+LIST_COVER = 2.5
+# A discovered run missing from this many successful lists in a row stops being watched.
+DISCOVERY_MISSES = 2
+FIRST_LIST = "(list request)"
 
 _CHANGE_LEVEL = {
     StatusClass.FAILED: "error",
@@ -95,6 +104,10 @@ class Watcher:
         self._key_rejected = False
         self._awaiting_first_poll: set[str] = set()
         self._started = False
+        self._ready = False
+        self._list_usable = True
+        self._list_failures = 0
+        self._discovered: dict[str, int] = {}  # run_id -> successive lists it was missing from
         self._file_ids: tuple[str, ...] = ()
         self._file_stamp: FileStamp | None = None
         # Longest a healthy poll can take: every attempt at its deadline plus capped waits.
@@ -105,7 +118,7 @@ class Watcher:
     # --- the set of watched runs -------------------------------------------------------
 
     def desired_runs(self) -> dict[str, None]:
-        return dict.fromkeys((*self.settings.run_id, *self._file_ids))
+        return dict.fromkeys((*self.settings.run_id, *self._file_ids, *self._discovered))
 
     def sync_runs(self, desired: dict[str, None], *, spread: float) -> None:
         for run_id in [r for r in self.scheduler.run_ids if r not in desired]:
@@ -117,9 +130,10 @@ class Watcher:
         for run_id in self.scheduler.add_many(desired, spread=spread):
             self.tracker.watch(run_id)
             self.metrics.watch(run_id)
-            self._awaiting_first_poll.add(run_id)
             if self._started:
                 self.log.info("run_watched", run_id=run_id)
+            else:
+                self._awaiting_first_poll.add(run_id)
 
     def reload_run_ids_file(self, reason: str) -> None:
         path = self.settings.run_ids_file
@@ -144,6 +158,72 @@ class Watcher:
             await asyncio.sleep(FILE_CHECK_INTERVAL)
             if _stamp(path) != self._file_stamp:
                 self.reload_run_ids_file("changed")
+
+    # --- list mode and discovery --------------------------------------------------------
+
+    def list_mode(self) -> bool:
+        """Whether statuses should come from the list endpoint this round."""
+        if self.settings.discover:
+            return True
+        return self._list_usable and len(self.tracker.runs) >= LIST_MODE_MIN_RUNS
+
+    async def list_round(self) -> None:
+        """One list request: discover runs and record the status of every listed watched run."""
+        discover = self.settings.discover
+        outcome = await self.client.list_runs(
+            scope="org" if discover in (None, "org") else None,
+            base_model=self.settings.discover_base_model if discover else None,
+            expected_runs=len(self.tracker.runs),
+        )
+        self._awaiting_first_poll.discard(FIRST_LIST)
+        if outcome.result is not Result.OK:
+            self._list_failed(outcome)
+            return
+        assert outcome.value is not None
+        if self._list_failures:
+            self.log.info("list_recovered", failed_lists=self._list_failures)
+        self._list_failures = 0
+        listed = {run.id: run for run in outcome.value}
+        if discover:
+            self._update_discovered(listed)
+        now = self.clock()
+        for run_id, run in listed.items():
+            if run_id not in self.tracker.runs:
+                continue
+            self._awaiting_first_poll.discard(run_id)
+            if not self._record_success(run, now).fast:
+                self.scheduler.postpone(run_id, self.settings.poll_interval * LIST_COVER)
+
+    def _update_discovered(self, listed: dict[str, Run]) -> None:
+        for run_id in listed:
+            self._discovered[run_id] = 0
+        for run_id in [r for r in self._discovered if r not in listed]:
+            self._discovered[run_id] += 1
+            if self._discovered[run_id] >= DISCOVERY_MISSES:
+                del self._discovered[run_id]
+        self.sync_runs(self.desired_runs(), spread=self.settings.fast_poll_interval)
+
+    def _list_failed(self, outcome: Outcome[list[Run]]) -> None:
+        self._list_failures += 1
+        if self._list_failures == 1:
+            self.log.warning(
+                "list_failed",
+                result=str(outcome.result),
+                detail=outcome.detail,
+                http_status=outcome.code,
+                attempts=outcome.attempts,
+                note="runs are polled one by one until the list answers again",
+            )
+        if outcome.result in KEY_REJECTED and not self.settings.discover:
+            # The key may read runs one by one without being allowed to list them.
+            self._list_usable = False
+            self.log.warning("list_mode_unavailable", result=str(outcome.result))
+
+    async def _list_loop(self) -> None:
+        while True:
+            if self.list_mode():
+                await self.list_round()
+            await asyncio.sleep(self.settings.poll_interval * random.uniform(0.95, 1.05))
 
     # --- polling ---------------------------------------------------------------------
 
@@ -270,8 +350,9 @@ class Watcher:
     def readiness(self) -> tuple[bool, str]:
         if not self._started:
             return False, "starting"
-        if self._awaiting_first_poll:
-            return False, f"first poll round: {len(self._awaiting_first_poll)} runs to go"
+        if self._awaiting_first_poll and not self._ready:
+            return False, f"first poll round: {len(self._awaiting_first_poll)} left to attempt"
+        self._ready = True  # once ready, always: readiness never tracks the API's health
         return True, "ok"
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -292,8 +373,9 @@ class Watcher:
         if on_listening:
             on_listening(server.port)
         self.reload_run_ids_file("start")
-        first_round = self.scheduler_spread()
-        self.sync_runs(self.desired_runs(), spread=first_round)
+        self.sync_runs(self.desired_runs(), spread=self.first_round_spread())
+        if self.list_mode():
+            self._awaiting_first_poll.add(FIRST_LIST)
         self.log.info(
             "watcher_started",
             version=__version__,
@@ -303,7 +385,10 @@ class Watcher:
             config=redacted(self.settings),
         )
         self._started = True
-        tasks = [asyncio.create_task(self.scheduler.run(), name="scheduler")]
+        tasks = [
+            asyncio.create_task(self.scheduler.run(), name="scheduler"),
+            asyncio.create_task(self._list_loop(), name="list"),
+        ]
         if self.settings.run_ids_file is not None:
             tasks.append(asyncio.create_task(self._watch_run_ids_file(), name="run-ids-file"))
         try:
@@ -315,7 +400,7 @@ class Watcher:
             await self.client.aclose()
             await server.close()
 
-    def scheduler_spread(self) -> float:
+    def first_round_spread(self) -> float:
         """How far to spread the first round: no faster than the request cap allows."""
         count = len(self.desired_runs())
         return min(self.settings.poll_interval, count / self.settings.max_requests_per_second)
