@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from watcher.config import (
+    OPTIONS,
     ConfigError,
     Settings,
     load_settings,
@@ -211,3 +212,15 @@ def test_effective_config_is_redacted_and_reusable(tmp_path: Path) -> None:
     path = tmp_path / "again.toml"
     path.write_text(text)
     assert load(["--config", str(path)]).poll_interval == 7
+
+
+def test_example_file_documents_every_option_with_its_default() -> None:
+    example = Path(__file__).parent.parent / "config" / "watcher.example.toml"
+    text = example.read_text()
+    for option in OPTIONS:
+        if option.name not in {"config", "check_config"}:
+            assert f"{option.name} = " in text, option.name
+    from_file = load(["--config", str(example), "--run-id", "a1"])
+    defaults = load(["--run-id", "a1"])
+    skip = {"config"}
+    assert from_file.model_dump(exclude=skip) == defaults.model_dump(exclude=skip)

@@ -373,6 +373,8 @@ def to_toml(values: Mapping[str, Any]) -> str:
         if name == "api_key":
             state = "set (redacted)" if value else "not set"
             lines.append(f"# api key: {state}; it is never printed")
+        elif name == "config":
+            lines.insert(0, f"# read from {value}")
         elif value is not None:
             lines.append(f"{name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"

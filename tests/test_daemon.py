@@ -1,0 +1,171 @@
+"""The watcher's handling of outcomes: log events, levels, metrics, key rejection, readiness."""
+
+from __future__ import annotations
+
+import pytest
+from factories import make_run
+from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
+
+from watcher.api import Outcome, Result
+from watcher.config import load_settings
+from watcher.daemon import Watcher, change_level
+from watcher.model import SAMPLER_STATUSES, Run
+
+FAKE_KEY = "fake-daemon-key"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def watcher(clock: Clock) -> Watcher:
+    settings = load_settings(
+        ["--run-id", "k4q95w5", "--run-id", "7wq2m3x"],
+        {"BASETEN_API_KEY": FAKE_KEY},
+        stdout_is_tty=False,
+    )
+    instance = Watcher(settings, registry=CollectorRegistry(), clock=clock)
+    instance.sync_runs(instance.desired_runs(), spread=0)
+    return instance
+
+
+def ok(run: Run) -> Outcome[Run]:
+    return Outcome(Result.OK, run, "", 1, "200")
+
+
+def failed(result: Result, detail: str = "boom", retry_after: float | None = None) -> Outcome[Run]:
+    return Outcome(result, None, detail, 4, "error", retry_after)
+
+
+@pytest.mark.parametrize(
+    ("status", "level"),
+    [
+        ("FAILED", "error"),
+        ("UNHEALTHY", "error"),
+        ("DEPLOY_FAILED", "error"),
+        ("BUILD_FAILED", "error"),
+        ("BUILD_STOPPED", "error"),
+        ("INACTIVE", "warning"),
+        ("DEACTIVATING", "warning"),
+        ("ACTIVE", "info"),
+        ("WAKING_UP", "info"),
+        ("SCALED_TO_ZERO", "info"),
+        ("SOMETHING_NEW", "info"),
+    ],
+)
+def test_change_levels(status: str, level: str) -> None:
+    assert change_level(status) == level
+
+
+def test_every_documented_status_has_a_level() -> None:
+    assert {change_level(status) for status in SAMPLER_STATUSES} == {"info", "warning", "error"}
+
+
+def test_observation_then_transitions_are_logged_once_each(watcher: Watcher, clock: Clock) -> None:
+    with capture_logs() as logs:
+        watcher.apply("k4q95w5", ok(make_run("SCALED_TO_ZERO")))
+        clock.now += 30
+        watcher.apply("k4q95w5", ok(make_run("WAKING_UP")))
+        clock.now += 5
+        watcher.apply("k4q95w5", ok(make_run("WAKING_UP")))
+        clock.now += 40
+        watcher.apply("k4q95w5", ok(make_run("ACTIVE")))
+        clock.now += 100
+        watcher.apply("k4q95w5", ok(make_run("FAILED")))
+    events = [(log["event"], log["log_level"]) for log in logs]
+    assert events == [
+        ("sampler_status_observed", "info"),
+        ("sampler_status_changed", "info"),
+        ("sampler_status_changed", "info"),
+        ("sampler_status_changed", "error"),
+    ]
+    wake, active, failing = logs[1], logs[2], logs[3]
+    assert wake["from_status"] == "SCALED_TO_ZERO"
+    assert wake["to_status"] == "WAKING_UP"
+    assert wake["seconds_in_previous_status"] is None
+    assert wake["run_id"] == "k4q95w5"
+    assert wake["sampler_id"] == "smp1"
+    assert active["seconds_in_previous_status"] == 45
+    assert failing["seconds_in_previous_status"] == 100
+    registry_text = watcher.render_metrics("")[0].decode()
+    assert 'baseten_loops_sampler_status_duration_seconds_count{status="WAKING_UP"} 1.0' in (
+        registry_text
+    )
+    assert 'baseten_loops_sampler_status_duration_seconds_count{status="ACTIVE"} 1.0' in (
+        registry_text
+    )
+    assert 'duration_seconds_count{status="SCALED_TO_ZERO"}' not in registry_text
+
+
+def test_failures_warn_once_per_streak_and_key_rejection_once(watcher: Watcher) -> None:
+    with capture_logs() as logs:
+        for _ in range(3):
+            watcher.apply("k4q95w5", failed(Result.UNAUTHORIZED))
+            watcher.apply("7wq2m3x", failed(Result.UNAUTHORIZED))
+    levels = [(log["event"], log["log_level"]) for log in logs]
+    assert levels.count(("api_key_rejected", "error")) == 1
+    assert levels.count(("poll_failed", "warning")) == 2  # one per run, at the start of a streak
+    assert levels.count(("poll_failed", "debug")) == 4
+    assert FAKE_KEY not in repr(logs)
+    with capture_logs() as logs:
+        watcher.apply("k4q95w5", ok(make_run("ACTIVE")))
+        watcher.apply("7wq2m3x", failed(Result.UNAUTHORIZED))
+    assert [log["event"] for log in logs] == [
+        "sampler_status_observed",
+        "poll_recovered",
+        "api_key_accepted",
+        "poll_failed",
+        "api_key_rejected",
+    ]
+
+
+def test_failure_backs_off_and_honours_retry_after(watcher: Watcher) -> None:
+    first = watcher.apply("k4q95w5", failed(Result.RATE_LIMITED, retry_after=42))
+    second = watcher.apply("k4q95w5", failed(Result.TIMEOUT))
+    assert first.retry_after == 42
+    assert (first.failures, second.failures) == (1, 2)
+    assert not watcher.apply("k4q95w5", ok(make_run("ACTIVE"))).fast
+    assert watcher.apply("k4q95w5", ok(make_run("WAKING_UP"))).fast
+
+
+def test_undocumented_status_warns_once(watcher: Watcher) -> None:
+    with capture_logs() as logs:
+        watcher.apply("k4q95w5", ok(make_run("HIBERNATING")))
+        watcher.apply("7wq2m3x", ok(make_run("HIBERNATING", run_id="7wq2m3x", id="7wq2m3x")))
+    assert [log["event"] for log in logs].count("undocumented_sampler_status") == 1
+
+
+def test_outcome_for_an_unwatched_run_is_dropped(watcher: Watcher) -> None:
+    watcher.sync_runs({"7wq2m3x": None}, spread=0)
+    watcher.apply("k4q95w5", ok(make_run("ACTIVE")))
+    assert "k4q95w5" not in watcher.render_metrics("")[0].decode()
+
+
+def test_readiness_waits_for_first_round_then_latches(watcher: Watcher) -> None:
+    watcher._started = True
+    assert not watcher.readiness()[0]
+    watcher.apply("k4q95w5", failed(Result.CONNECTION_ERROR))
+    assert not watcher.readiness()[0]
+    watcher.apply("7wq2m3x", failed(Result.CONNECTION_ERROR))  # attempted, even if failed
+    assert watcher.readiness() == (True, "ok")
+    watcher.sync_runs({"new1234": None, **watcher.desired_runs()}, spread=0)
+    assert watcher.readiness()[0]
+
+
+def test_health_follows_the_poll_loop(watcher: Watcher) -> None:
+    assert watcher.health() == (True, "ok")
+    watcher.scheduler.heartbeat -= 60
+    healthy, message = watcher.health()
+    assert not healthy
+    assert "poll loop" in message
