@@ -22,8 +22,7 @@ RUN /opt/loops-watcher/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/w
 FROM python:3.11.14-slim-bookworm
 
 LABEL org.opencontainers.image.title="loops-watcher" \
-      org.opencontainers.image.description="Prometheus exporter for Baseten Loops sampler status" \
-      org.opencontainers.image.licenses="Apache-2.0"
+      org.opencontainers.image.description="Prometheus exporter for Baseten Loops sampler status"
 
 # A fixed UID/GID, so Kubernetes' runAsUser and compose's user: can name it (deploy/ does).
 RUN groupadd --gid 10001 loops-watcher \
