@@ -345,11 +345,26 @@ def test_status_fault_with_retry_after_and_count(client: httpx.Client, sim: Simu
     assert client.get("/v1/loops/runs").status_code == 200
 
 
-def test_run_fault_hits_only_its_run(client: httpx.Client, sim: Simulator) -> None:
-    sim.add_fault(Fault(kind="status", status=500, run_id=OWN_RUN))
-    assert client.get(f"/v1/loops/runs/{OWN_RUN}").status_code == 500
-    assert client.get(f"/v1/loops/runs/{OTHER_OWNER_RUN}").status_code == 200
-    assert client.get("/v1/loops/runs").status_code == 200
+@pytest.mark.parametrize(
+    ("fault", "failing"),
+    [
+        (Fault(kind="status", status=500, run_id=OWN_RUN), {OWN_RUN}),
+        (Fault(kind="status", status=500, run_id=OWN_RUN, endpoint="run"), {OWN_RUN}),
+        (Fault(kind="status", status=500, endpoint="run"), {OWN_RUN, OTHER_OWNER_RUN}),
+        (Fault(kind="status", status=500, endpoint="list"), {"list"}),
+        (Fault(kind="status", status=500), {OWN_RUN, OTHER_OWNER_RUN, "list"}),
+    ],
+    ids=["one run", "one run explicitly", "every run", "list only", "everything"],
+)
+def test_faults_hit_the_requests_they_target(
+    client: httpx.Client, sim: Simulator, fault: Fault, failing: set[str]
+) -> None:
+    sim.add_fault(fault)
+    answers = {
+        target: client.get("/v1/loops/runs" if target == "list" else f"/v1/loops/runs/{target}")
+        for target in (OWN_RUN, OTHER_OWNER_RUN, "list")
+    }
+    assert {target for target, answer in answers.items() if answer.status_code == 500} == failing
 
 
 def test_delay_fault_holds_only_its_own_connection(
@@ -459,6 +474,10 @@ def test_faults_are_validated() -> None:
         Fault(kind="status", retry_after="1\r\nX-Injected: yes")
     with pytest.raises(ValidationError):
         Fault(kind="status", count=0)
+    with pytest.raises(ValidationError, match="list endpoint"):
+        Fault(kind="status", run_id=OWN_RUN, endpoint="list")
+    with pytest.raises(ValidationError):
+        Fault(kind="status", endpoint="sideways")  # type: ignore[arg-type]
 
 
 # --- control interface -------------------------------------------------------------------------

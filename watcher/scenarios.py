@@ -6,7 +6,7 @@ seconds elapsed since the simulator started, so tests can step it.
 Scenario file format (JSON; the built-in ones live in `watcher/scenarios/<name>.json`)::
 
     {
-      "caller": "ada@example.com",        # whose key the simulator accepts: without
+      "caller": "ada@example.com",        # the user the API key belongs to: without
                                           # ?scope=org the list shows only this owner's runs
       "runs": [
         {

@@ -41,7 +41,7 @@ from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
 from http import HTTPStatus
 from types import TracebackType
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Literal, cast
 from urllib.parse import parse_qs, unquote
 
 import pydantic
@@ -91,10 +91,10 @@ _RunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
 class Fault:
     """A misbehaviour to inject into API responses.
 
-    `run_id` None hits every API request (each run and the list); otherwise only
-    `GET /v1/loops/runs/{run_id}`. `count` None lasts until cleared, otherwise the fault is
-    dropped after hitting that many requests. When several match, the oldest acts. Kinds and
-    the parameters they read:
+    `run_id` None hits every API request (each run and the list) or, with `endpoint` "run" or
+    "list", only one kind; a `run_id` narrows it to `GET /v1/loops/runs/{run_id}`. `count` None
+    lasts until cleared, otherwise the fault is dropped after hitting that many requests. When
+    several match, the oldest acts. Kinds and the parameters they read:
 
     status          answer `status` with {"error": ...} and, if set, a `Retry-After: retry_after`
     delay           wait `delay` seconds, then answer normally
@@ -110,6 +110,7 @@ class Fault:
 
     kind: str
     run_id: _RunId | None = None
+    endpoint: Literal["any", "run", "list"] = "any"
     count: Annotated[int, Field(ge=1)] | None = None
     status: Annotated[int, Field(ge=200, le=599)] = 503
     retry_after: _HeaderValue | None = None
@@ -123,7 +124,15 @@ class Fault:
     def _known_kind(self) -> Fault:
         if self.kind not in FAULT_KINDS:
             raise ValueError(f"kind {self.kind!r} is not one of {', '.join(FAULT_KINDS)}")
+        if self.run_id is not None and self.endpoint == "list":
+            raise ValueError("a fault for one run_id cannot act on the list endpoint")
         return self
+
+    def hits(self, run_id: str | None) -> bool:
+        """Whether this fault acts on a request for `run_id` (None: the list)."""
+        if run_id is None:
+            return self.run_id is None and self.endpoint != "run"
+        return self.run_id in (None, run_id) and self.endpoint != "list"
 
 
 _FAULT_JSON = TypeAdapter(Fault)
@@ -545,7 +554,7 @@ class Simulator:
 
     def _take_fault(self, run_id: str | None) -> Fault | None:
         for armed in self._faults:
-            if armed.fault.run_id in (None, run_id):
+            if armed.fault.hits(run_id):
                 if armed.remaining is not None:
                     armed.remaining -= 1
                     if armed.remaining == 0:
