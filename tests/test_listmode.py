@@ -1,0 +1,203 @@
+"""List mode and discovery, with the real watcher and the real simulator in one event loop.
+
+Statuses that arrive through `GET /v1/loops/runs` must have exactly the effect of per-run
+polls; runs appear and disappear with the list; the list is one request per interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
+
+from watcher.config import Settings, load_settings
+from watcher.daemon import LIST_MODE_MIN_RUNS, Watcher
+from watcher.scenarios import Scenario
+from watcher.simulator import Fault, Simulator
+
+FAKE_KEY = "fake-listmode-key"
+CALLER = "ada@example.com"
+
+
+@dataclass
+class Harness:
+    simulator: Simulator
+    watcher: Watcher
+
+    def samples(self, family: str) -> dict[tuple[tuple[str, str], ...], float]:
+        text = self.watcher.render_metrics("")[0].decode()
+        found: dict[tuple[tuple[str, str], ...], float] = {}
+        for metric in text_string_to_metric_families(text):
+            for sample in metric.samples:
+                if sample.name == family:
+                    found[tuple(sorted(sample.labels.items()))] = sample.value
+        return found
+
+    def status_of(self, run_id: str) -> str | None:
+        current = [
+            dict(labels)["status"]
+            for labels, value in self.samples("baseten_loops_sampler_status").items()
+            if dict(labels)["run_id"] == run_id and value == 1
+        ]
+        return current[0] if current else None
+
+    def run_gets(self) -> int:
+        counts = self.simulator.request_counts()
+        return sum(n for path, n in counts.items() if path.startswith("/v1/loops/runs/"))
+
+    def lists(self) -> int:
+        return self.simulator.request_counts().get("/v1/loops/runs", 0)
+
+
+async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[Simulator]:
+    sim = Simulator(Scenario(caller=CALLER, runs=()), api_keys=[FAKE_KEY])
+    await sim.start("127.0.0.1", 0)
+    yield sim
+    await sim.close()
+
+
+def settings_for(sim: Simulator, *argv: str) -> Settings:
+    return load_settings(
+        [
+            "--api-url",
+            sim.url,
+            "--listen-address",
+            "127.0.0.1:0",
+            "--poll-interval",
+            "0.4",
+            "--fast-poll-interval",
+            "0.1",
+            "--request-timeout",
+            "1",
+            "--max-retries",
+            "0",
+            "--max-requests-per-second",
+            "1000",
+            *argv,
+        ],
+        {"BASETEN_API_KEY": FAKE_KEY},
+        stdout_is_tty=False,
+    )
+
+
+@pytest.fixture
+async def start(simulator: Simulator) -> AsyncIterator[Callable[..., Harness]]:
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+
+    def launch(*argv: str) -> Harness:
+        watcher = Watcher(settings_for(simulator, *argv), registry=CollectorRegistry())
+        tasks.append(asyncio.create_task(watcher.run(stop)))
+        return Harness(simulator, watcher)
+
+    yield launch
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=5)
+
+
+async def test_discovery_follows_the_list(
+    simulator: Simulator, start: Callable[..., Harness]
+) -> None:
+    simulator.set_run("mine001", status="ACTIVE", owner=CALLER)
+    simulator.set_run("theirs1", status="SCALED_TO_ZERO", owner="bob@example.com")
+    own = start("--discover", "own")
+    await until(lambda: own.status_of("mine001") == "ACTIVE")
+    assert own.status_of("theirs1") is None
+    assert own.watcher.readiness()[0]
+
+    org = start("--discover", "org", "--listen-address", "127.0.0.1:0")
+    await until(lambda: org.status_of("theirs1") == "SCALED_TO_ZERO")
+
+    # A new run is picked up by the next list.
+    simulator.set_run("newrun1", status="BUILDING", owner=CALLER)
+    await until(lambda: own.status_of("newrun1") == "BUILDING")
+
+    # A run that leaves the list loses every series after a confirming list.
+    with capture_logs() as logs:
+        simulator.remove_run("mine001")
+        await until(lambda: "mine001" not in own.watcher.render_metrics("")[0].decode())
+    assert {"event": "run_unwatched", "run_id": "mine001", "log_level": "info"} in logs
+
+
+async def test_list_statuses_make_the_same_transitions(
+    simulator: Simulator, start: Callable[..., Harness]
+) -> None:
+    for number in range(LIST_MODE_MIN_RUNS):
+        simulator.set_run(f"run{number:04d}", status="SCALED_TO_ZERO")
+    run_ids = [
+        arg for number in range(LIST_MODE_MIN_RUNS) for arg in ("--run-id", f"run{number:04d}")
+    ]
+    harness = start(*run_ids)
+    await until(lambda: harness.status_of("run0000") == "SCALED_TO_ZERO")
+    with capture_logs() as logs:
+        simulator.set_status("run0000", "FAILED")
+        await until(lambda: harness.status_of("run0000") == "FAILED")
+    changes = [log for log in logs if log["event"] == "sampler_status_changed"]
+    assert len(changes) == 1
+    assert changes[0]["from_status"] == "SCALED_TO_ZERO"
+    assert changes[0]["to_status"] == "FAILED"
+    assert changes[0]["log_level"] == "error"
+    transitions = harness.samples("baseten_loops_sampler_status_transitions_total")
+    assert transitions == {
+        (("from_status", "SCALED_TO_ZERO"), ("run_id", "run0000"), ("to_status", "FAILED")): 1.0
+    }
+
+
+async def test_list_mode_costs_one_request_per_interval(
+    simulator: Simulator, start: Callable[..., Harness]
+) -> None:
+    count = 40
+    for number in range(count):
+        simulator.set_run(f"set{number:04d}", status="ACTIVE")
+    simulator.set_run("moving1", status="WAKING_UP")
+    run_ids = ["--run-id", "moving1"]
+    for number in range(count):
+        run_ids += ["--run-id", f"set{number:04d}"]
+    harness = start(*run_ids)
+    await until(lambda: harness.watcher.readiness()[0])
+    await asyncio.sleep(0.3)  # let the first round of individual polls settle
+    gets_before, lists_before = harness.run_gets(), harness.lists()
+    await asyncio.sleep(2.0)  # five poll intervals
+    gets = harness.run_gets() - gets_before
+    lists = harness.lists() - lists_before
+    assert 4 <= lists <= 6
+    # Only the transitional run is still polled on its own, at the fast interval.
+    moving = simulator.request_counts().get("/v1/loops/runs/moving1", 0)
+    assert moving >= 10
+    assert gets - moving <= 2
+
+
+async def test_runs_the_list_lacks_and_keys_it_rejects_fall_back_to_gets(
+    simulator: Simulator, start: Callable[..., Harness]
+) -> None:
+    for number in range(LIST_MODE_MIN_RUNS):
+        simulator.set_run(f"run{number:04d}", status="ACTIVE")
+    simulator.add_fault(Fault(kind="status", status=403, endpoint="list"))
+    run_ids = [
+        arg for number in range(LIST_MODE_MIN_RUNS) for arg in ("--run-id", f"run{number:04d}")
+    ]
+    with capture_logs() as logs:
+        harness = start(*run_ids)
+        await until(
+            lambda: all(harness.status_of(f"run{n:04d}") for n in range(LIST_MODE_MIN_RUNS))
+        )
+        lists = harness.lists()
+        await asyncio.sleep(1.0)
+    assert harness.lists() == lists == 1  # after one refusal the list is not asked again
+    assert [log["event"] for log in logs].count("list_mode_unavailable") == 1
+    assert harness.run_gets() >= 2 * LIST_MODE_MIN_RUNS
