@@ -120,14 +120,14 @@ class Watcher:
     def desired_runs(self) -> dict[str, None]:
         return dict.fromkeys((*self.settings.run_id, *self._file_ids, *self._discovered))
 
-    def sync_runs(self, desired: dict[str, None], *, spread: float) -> None:
+    def sync_runs(self, desired: dict[str, None], *, spread: float, after: float = 0.0) -> None:
         for run_id in [r for r in self.scheduler.run_ids if r not in desired]:
             self.scheduler.remove(run_id)
             self.tracker.unwatch(run_id)
             self.metrics.forget(run_id)
             self._awaiting_first_poll.discard(run_id)
             self.log.info("run_unwatched", run_id=run_id)
-        for run_id in self.scheduler.add_many(desired, spread=spread):
+        for run_id in self.scheduler.add_many(desired, spread=spread, after=after):
             self.tracker.watch(run_id)
             self.metrics.watch(run_id)
             if self._started:
@@ -161,11 +161,12 @@ class Watcher:
 
     # --- list mode and discovery --------------------------------------------------------
 
-    def list_mode(self) -> bool:
+    def list_mode(self, watched: int | None = None) -> bool:
         """Whether statuses should come from the list endpoint this round."""
         if self.settings.discover:
             return True
-        return self._list_usable and len(self.tracker.runs) >= LIST_MODE_MIN_RUNS
+        count = len(self.tracker.runs) if watched is None else watched
+        return self._list_usable and count >= LIST_MODE_MIN_RUNS
 
     async def list_round(self) -> None:
         """One list request: discover runs and record the status of every listed watched run."""
@@ -191,8 +192,13 @@ class Watcher:
             if run_id not in self.tracker.runs:
                 continue
             self._awaiting_first_poll.discard(run_id)
-            if not self._record_success(run, now).fast:
-                self.scheduler.postpone(run_id, self.settings.poll_interval * LIST_COVER)
+            fast = self._record_success(run, now).fast
+            self.scheduler.reschedule(
+                run_id,
+                self.settings.fast_poll_interval
+                if fast
+                else self.settings.poll_interval * LIST_COVER,
+            )
 
     def _update_discovered(self, listed: dict[str, Run]) -> None:
         for run_id in listed:
@@ -373,8 +379,16 @@ class Watcher:
         if on_listening:
             on_listening(server.port)
         self.reload_run_ids_file("start")
-        self.sync_runs(self.desired_runs(), spread=self.first_round_spread())
-        if self.list_mode():
+        desired = self.desired_runs()
+        # In list mode the first list gets a chance to answer before runs are polled one by one:
+        # the runs it returns are then not polled on their own at all.
+        listing = self.list_mode(len(desired))
+        self.sync_runs(
+            desired,
+            spread=self.first_round_spread(),
+            after=self.settings.request_timeout if listing else 0.0,
+        )
+        if listing:
             self._awaiting_first_poll.add(FIRST_LIST)
         self.log.info(
             "watcher_started",

@@ -72,21 +72,21 @@ class Scheduler:
     def run_ids(self) -> list[str]:
         return list(self._generation)
 
-    def add(self, run_id: str, *, spread: float = 0.0) -> bool:
-        """Start polling a run within `spread` seconds; False if it is already watched."""
+    def add(self, run_id: str, *, spread: float = 0.0, after: float = 0.0) -> bool:
+        """Poll a run `after` seconds from now, plus up to `spread`; False if already watched."""
         if run_id in self._generation:
             return False
         self._counter += 1
         self._generation[run_id] = self._counter
-        self._push(run_id, self._rng.uniform(0, spread))
+        self._push(run_id, after + self._rng.uniform(0, spread))
         return True
 
     def remove(self, run_id: str) -> bool:
         # Its heap entry or in-flight poll finds the generation gone and lapses.
         return self._generation.pop(run_id, None) is not None
 
-    def postpone(self, run_id: str, delay: float) -> None:
-        """Push a run's next individual poll out, e.g. after its status arrived another way."""
+    def reschedule(self, run_id: str, delay: float) -> None:
+        """Move a run's next individual poll, e.g. after its status arrived another way."""
         if run_id in self._generation and run_id not in self._inflight:
             self._counter += 1
             self._generation[run_id] = self._counter
@@ -144,5 +144,5 @@ class Scheduler:
             delay = next_delay(cadence, self._poll_interval, self._fast_interval, self._rng)
             self._push(run_id, delay)
 
-    def add_many(self, run_ids: Iterable[str], *, spread: float) -> list[str]:
-        return [run_id for run_id in run_ids if self.add(run_id, spread=spread)]
+    def add_many(self, run_ids: Iterable[str], *, spread: float, after: float = 0.0) -> list[str]:
+        return [run_id for run_id in run_ids if self.add(run_id, spread=spread, after=after)]
