@@ -166,8 +166,13 @@ class Server:
                 if request is None:
                     return
                 status, body, content_type, extra = self._answer(request)
-                keep_alive = request.version == "HTTP/1.1" and (
-                    request.headers.get("connection", "").lower() != "close"
+                # Request bodies are never read: closing keeps one from being parsed as the
+                # next request on a kept-alive connection.
+                keep_alive = (
+                    request.version == "HTTP/1.1"
+                    and request.headers.get("connection", "").lower() != "close"
+                    and request.headers.get("content-length", "0") == "0"
+                    and "transfer-encoding" not in request.headers
                 )
                 await _respond(
                     writer,
