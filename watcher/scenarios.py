@@ -79,6 +79,7 @@ INSTANCE_TYPES: dict[str, dict[str, Any]] = {
 
 _STRICT = ConfigDict(extra="forbid", strict=True)
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+RunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]  # fits in a URL path unescaped
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -94,7 +95,7 @@ class Step:
 class RunSpec:
     """A run as a scenario declares it; `timeline` None means trainer-only (no sampler)."""
 
-    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
+    id: RunId
     name: str
     base_model: NonEmptyStr
     owner: NonEmptyStr
@@ -128,6 +129,8 @@ class RunSpec:
 
 @dataclass(frozen=True, config=_STRICT)
 class Scenario:
+    """The runs a simulator serves and the user its API key belongs to."""
+
     caller: NonEmptyStr
     runs: tuple[RunSpec, ...]
 

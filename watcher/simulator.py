@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from watcher.scenarios import (
     INSTANCE_TYPES,
     NonEmptyStr,
+    RunId,
     RunSpec,
     Scenario,
     load_scenario,
@@ -84,7 +85,6 @@ _STATUS_LINES = {
 
 # A header value a client put on the control interface must not be able to split the response.
 _HeaderValue = Annotated[str, Field(min_length=1, pattern=r"^[\x20-\x7e]+$")]
-_RunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]
 
 
 @pydantic.dataclasses.dataclass(frozen=True, config=ConfigDict(extra="forbid", strict=True))
@@ -109,7 +109,7 @@ class Fault:
     """
 
     kind: str
-    run_id: _RunId | None = None
+    run_id: RunId | None = None
     endpoint: Literal["any", "run", "list"] = "any"
     count: Annotated[int, Field(ge=1)] | None = None
     status: Annotated[int, Field(ge=200, le=599)] = 503
