@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jsonschema  # type: ignore[import-untyped]  # no stubs in the dev extra
+import jsonschema
 import pytest
 from pydantic import ValidationError
 from referencing import Registry, Resource
