@@ -111,6 +111,7 @@ class Server:
         }
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_LINE)
@@ -127,6 +128,10 @@ class Server:
             # Idle keep-alive connections would otherwise hold wait_closed() open.
             for writer in list(self._writers):
                 writer.close()
+            # Let each handler see its connection close and return: one still pending when the
+            # loop shuts down is cancelled, and Python 3.11 prints a traceback on stderr for it.
+            if self._handlers:
+                await asyncio.wait(list(self._handlers), timeout=1.0)
             await self._server.wait_closed()
 
     def _metrics(self, request: Request) -> tuple[int, bytes, str, dict[str, str]]:
@@ -151,6 +156,9 @@ class Server:
         return route(request)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
         self._writers.add(writer)
         try:
             while True:
@@ -189,6 +197,7 @@ class Server:
             return
         finally:
             self._writers.discard(writer)
+            self._handlers.discard(handler)
             writer.close()
 
 
