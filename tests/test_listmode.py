@@ -7,6 +7,7 @@ polls; runs appear and disappear with the list; the list is one request per inte
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
+from watcher.cli import run_once
 from watcher.config import Settings, load_settings
 from watcher.daemon import LIST_MODE_MIN_RUNS, Watcher
 from watcher.scenarios import Scenario
@@ -202,3 +204,18 @@ async def test_runs_the_list_lacks_and_keys_it_rejects_fall_back_to_gets(
     assert harness.lists() == lists == 1  # after one refusal the list is not asked again
     assert [log["event"] for log in logs].count("list_mode_unavailable") == 1
     assert harness.run_gets() >= 2 * LIST_MODE_MIN_RUNS
+
+
+async def test_once_reads_many_runs_with_one_list(simulator: Simulator) -> None:
+    run_ids = [f"run{number:04d}" for number in range(LIST_MODE_MIN_RUNS)]
+    for run_id in run_ids:
+        simulator.set_run(run_id, status="ACTIVE")
+    simulator.set_status(run_ids[3], "UNHEALTHY")
+    out = io.StringIO()
+    argv = [arg for run_id in [*run_ids, "gone123"] for arg in ("--run-id", run_id)]
+    code = await run_once(settings_for(simulator, "--once", *argv), out)
+    assert code == 1  # a failing run outranks the unreadable one
+    table = out.getvalue()
+    assert "UNHEALTHY" in table
+    assert "unreadable: not_found" in table
+    assert simulator.request_counts() == {"/v1/loops/runs": 1, "/v1/loops/runs/gone123": 1}

@@ -88,9 +88,10 @@ async def run_once(settings: Settings, out: TextIO) -> int:
         watcher.reload_run_ids_file("start")
         watcher.sync_runs(watcher.desired_runs(), spread=0.0)
         try:
-            await asyncio.gather(
-                *(watcher.poll_run(run_id) for run_id in watcher.scheduler.run_ids)
-            )
+            if watcher.list_mode():
+                await watcher.list_round()
+            unread = [run_id for run_id, record in watcher.tracker.runs.items() if not record.run]
+            await asyncio.gather(*(watcher.poll_run(run_id) for run_id in unread))
         finally:
             await watcher.client.aclose()
     records = list(watcher.tracker.runs.values())
