@@ -429,19 +429,24 @@ class MisbehavingServer:
             writer.close()
 
 
+def real_client(url: str, *, request_timeout: float, max_concurrency: int) -> LoopsClient:
+    """A client with httpx's real transport and connection pool."""
+    return LoopsClient(
+        api_url=url,
+        api_key=FAKE_KEY,
+        auth_scheme="bearer",
+        request_timeout=request_timeout,
+        max_retries=0,
+        max_concurrency=max_concurrency,
+        max_requests_per_second=100_000,
+        observer=Recorder(),
+    )
+
+
 async def test_trickled_body_hits_the_hard_deadline() -> None:
     async with MisbehavingServer() as server:
         server.mode = "trickle"
-        client = LoopsClient(
-            api_url=server.url,
-            api_key=FAKE_KEY,
-            auth_scheme="bearer",
-            request_timeout=0.5,
-            max_retries=0,
-            max_concurrency=2,
-            max_requests_per_second=1000,
-            observer=Recorder(),
-        )
+        client = real_client(server.url, request_timeout=0.5, max_concurrency=2)
         start = time.monotonic()
         outcome = await client.get_run("k4q95w5")
         elapsed = time.monotonic() - start
@@ -453,16 +458,7 @@ async def test_trickled_body_hits_the_hard_deadline() -> None:
 
 async def test_hundreds_of_deadline_hits_leave_the_pool_healthy() -> None:
     async with MisbehavingServer() as server:
-        client = LoopsClient(
-            api_url=server.url,
-            api_key=FAKE_KEY,
-            auth_scheme="bearer",
-            request_timeout=0.05,
-            max_retries=0,
-            max_concurrency=4,
-            max_requests_per_second=100_000,
-            observer=Recorder(),
-        )
+        client = real_client(server.url, request_timeout=0.05, max_concurrency=4)
         results: list[Result] = []
         for mode in ("stall", "trickle"):
             server.mode = mode

@@ -23,6 +23,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from watcher.model import SAMPLER_STATUSES
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
@@ -64,22 +66,6 @@ CONTRACT_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "loops_watcher_watched_runs": ("gauge", ()),
     "loops_watcher_build_info": ("gauge", ("version",)),
 }
-SAMPLER_STATUSES = (
-    "BUILDING",
-    "DEPLOYING",
-    "DEPLOY_FAILED",
-    "LOADING_MODEL",
-    "ACTIVE",
-    "UNHEALTHY",
-    "BUILD_FAILED",
-    "BUILD_STOPPED",
-    "DEACTIVATING",
-    "INACTIVE",
-    "FAILED",
-    "UPDATING",
-    "SCALED_TO_ZERO",
-    "WAKING_UP",
-)
 CONTRACT_OPTIONS = {
     "config", "api_url", "api_key_file", "auth_scheme", "run_id", "run_ids_file", "discover",
     "poll_interval", "fast_poll_interval", "request_timeout", "max_retries", "max_concurrency",
