@@ -465,6 +465,19 @@ def test_oversized_fault_streams_valid_json_of_the_given_size(
     assert _run(client, OWN_RUN)["id"] == OWN_RUN
 
 
+def test_oversized_fault_can_leave_the_length_undeclared(
+    client: httpx.Client, sim: Simulator
+) -> None:
+    size = 2_000_000
+    sim.add_fault(Fault(kind="oversized", size=size, declare_length=False, count=1))
+    response = client.get(f"/v1/loops/runs/{OWN_RUN}")
+    assert "content-length" not in response.headers
+    assert response.headers["connection"] == "close"
+    assert len(response.content) == size
+    assert response.json()["run"]["id"] == OWN_RUN
+    assert _run(client, OWN_RUN)["id"] == OWN_RUN
+
+
 def test_faults_are_validated() -> None:
     with pytest.raises(ValidationError, match="kind"):
         Fault(kind="gremlins")

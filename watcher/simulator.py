@@ -104,7 +104,8 @@ class Fault:
     missing_fields  200 with runs lacking `session_id` and `sampler.status`
     unknown_status  200 with each sampler's status name set to `value`
     reset           close the connection with a TCP reset, no response
-    oversized       200 with valid JSON of `size` bytes (padded), streamed
+    oversized       200 with valid JSON of `size` bytes (padded), streamed; with
+                    `declare_length` false, without Content-Length: the body ends at close
     redirect        302 to `location`
     """
 
@@ -117,6 +118,7 @@ class Fault:
     delay: Annotated[float, Field(ge=0)] = 1.0
     trickle_interval: Annotated[float, Field(gt=0)] = 0.1
     size: Annotated[int, Field(ge=0)] = 10 * 1024 * 1024
+    declare_length: bool = True
     value: NonEmptyStr = "HIBERNATING"
     location: _HeaderValue = "/login"
 
@@ -307,11 +309,13 @@ class _Reply:
     headers: tuple[tuple[str, str], ...] = ()
     delivery: Fault | None = None  # a fault in how the reply is sent
 
-    def head(self, length: int, close: bool) -> bytes:
+    def head(self, length: int | None, close: bool) -> bytes:
         lines = [
             _STATUS_LINES.get(self.status) or f"HTTP/1.1 {self.status} Unknown\r\n",
-            f"Content-Type: {self.content_type}\r\nContent-Length: {length}\r\n",
+            f"Content-Type: {self.content_type}\r\n",
         ]
+        if length is not None:
+            lines.append(f"Content-Length: {length}\r\n")
         lines.extend(f"{name}: {value}\r\n" for name, value in self.headers)
         if close:
             lines.append("Connection: close\r\n")
@@ -786,7 +790,9 @@ class _Connection(asyncio.Protocol):
         else:  # oversized: pad the JSON object with one huge string, never held in memory whole
             prefix, suffix = reply.body[:-1] + b',"padding":"', b'"}'
             padding = max(0, fault.size - len(prefix) - len(suffix))
-            self._transport.write(reply.head(len(prefix) + padding + len(suffix), close) + prefix)
+            length = len(prefix) + padding + len(suffix) if fault.declare_length else None
+            close = close or length is None  # an undeclared length ends where the connection does
+            self._transport.write(reply.head(length, close) + prefix)
             while padding:
                 await self._writable.wait()
                 # Yield even while the socket keeps up, so other connections get served.
