@@ -10,6 +10,13 @@ leaks pool slots when a request is cancelled while it waits for a connection
 (encode/httpcore#1093), so attempts pass through a semaphore as wide as the pool: a request
 never waits inside the pool, and a deadline can only land in connect, send or receive,
 where httpcore cleans up after itself.
+
+Connections: httpcore 1.0's pool rescans every pooled connection, polling each idle socket,
+whenever a request starts or ends (encode/httpcore#1035, #928). With 16-32 connections that
+cost several times the request itself and made a busy loop much slower, so each connection
+has its own `httpx.AsyncClient` with a pool of one, lent to one attempt at a time. The idle
+ones form a stack: the warmest connection is reused first, and clients are made only as
+concurrency calls for them.
 """
 
 from __future__ import annotations
@@ -175,7 +182,7 @@ async def _read_capped(response: httpx.Response, cap: int) -> bytes:
 
 
 class LoopsClient:
-    """Reads runs from the Loops API through one long-lived `httpx.AsyncClient`."""
+    """Reads runs from the Loops API through long-lived `httpx.AsyncClient`s, one a connection."""
 
     def __init__(
         self,
@@ -192,22 +199,17 @@ class LoopsClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         scheme = "Bearer" if auth_scheme == "bearer" else "Api-Key"
-        self._http = httpx.AsyncClient(
-            base_url=api_url,
-            headers={
-                "Authorization": f"{scheme} {api_key}",
-                "Accept": "application/json",
-                "User-Agent": f"loops-watcher/{__version__}",
-            },
-            timeout=httpx.Timeout(request_timeout),
-            limits=httpx.Limits(
-                max_connections=max_concurrency,
-                max_keepalive_connections=max_concurrency,
-                keepalive_expiry=30.0,
-            ),
-            follow_redirects=False,
-            transport=transport,
-        )
+        self._api_url = api_url
+        self._headers = {
+            "Authorization": f"{scheme} {api_key}",
+            "Accept": "application/json",
+            "User-Agent": f"loops-watcher/{__version__}",
+        }
+        self._transport = transport
+        # One TLS context for every connection: loading the CA bundle is slow and large.
+        self._tls = httpx.create_ssl_context()
+        self._clients: list[httpx.AsyncClient] = []
+        self._idle: list[httpx.AsyncClient] = []  # a stack: the last one used is lent first
         self._timeout = request_timeout
         self._max_retries = max_retries
         self._slots = asyncio.Semaphore(max_concurrency)
@@ -217,7 +219,26 @@ class LoopsClient:
         self._backoff = wait_exponential_jitter(multiplier=0.5, max=8.0, jitter=0.5)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for http in self._clients:
+            await http.aclose()
+
+    def _connection(self) -> httpx.AsyncClient:
+        """A client with one connection for one attempt; give it back to `_idle`."""
+        if self._idle:
+            return self._idle.pop()
+        http = httpx.AsyncClient(
+            base_url=self._api_url,
+            headers=self._headers,
+            timeout=httpx.Timeout(self._timeout),
+            limits=httpx.Limits(
+                max_connections=1, max_keepalive_connections=1, keepalive_expiry=30.0
+            ),
+            follow_redirects=False,
+            verify=self._tls,
+            transport=self._transport,
+        )
+        self._clients.append(http)
+        return http
 
     async def get_run(self, run_id: str) -> Outcome[Run]:
         def parse(body: Any) -> Run:
@@ -286,10 +307,11 @@ class LoopsClient:
             await self._limiter.wait()
             started = time.monotonic()
             code = "error"
+            http = self._connection()
             try:
                 async with asyncio.timeout(self._timeout):
-                    request = self._http.build_request("GET", path, params=params)
-                    response = await self._http.send(request, stream=True)
+                    request = http.build_request("GET", path, params=params)
+                    response = await http.send(request, stream=True)
                     try:
                         code = str(response.status_code)
                         return await self._classify(response, cap, parse)
@@ -308,6 +330,7 @@ class LoopsClient:
                 detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 return Attempt(Result.CONNECTION_ERROR, code, _printable(detail), retryable=True)
             finally:
+                self._idle.append(http)
                 self._observer.attempt_finished(code, time.monotonic() - started)
 
     async def _classify(
