@@ -252,6 +252,7 @@ def test_each_transition_is_counted_and_logged_once_and_a_watched_wake_up_is_tim
     waking = metrics.value("baseten_loops_sampler_status_duration_seconds_sum", status="WAKING_UP")
     (wake_change,) = [c for c in changes if c["to_status"] == "ACTIVE"]
     assert waking == pytest.approx(wake_change["seconds_in_previous_status"])
+    assert_log_lines_well_formed(watcher.logs())
 
 
 # --- faults, against one watcher shared by the tests below --------------------------------
@@ -405,12 +406,18 @@ def test_fault_is_counted_and_survived(rig: Rig, target: str, case: Case) -> Non
     assert recovered.status_of(target) == "ACTIVE"
     assert recovered.value("loops_watcher_poll_success", run_id=BYSTANDER) == 1
     assert watcher.logs("poll_recovered", since=mark, run_id=target)
+    assert_log_lines_well_formed(watcher.logs(since=mark))
 
 
 def test_retry_after_is_respected(rig: Rig, target: str) -> None:
     watcher, sim = rig.watcher, rig.served.sim
     path = f"/v1/loops/runs/{target}"
     before = watcher.scrape()
+    # Arm the fault just after a poll went by, so that the next request is a poll's first.
+    polled = sim.request_counts().get(path, 0)
+    wait_until(
+        lambda: sim.request_counts().get(path, 0) > polled, timeout=5, what=f"a poll of {target}"
+    )
     sim.add_fault(Fault(kind="status", status=429, retry_after="1", run_id=target))
     # Note when each request for the run arrives: the retry must wait out the Retry-After.
     arrivals: list[float] = []
@@ -549,14 +556,16 @@ def test_many_deadline_hits_do_not_starve_the_connection_pool(
     for run_id in list(runs)[::2]:
         sim.add_fault(Fault(kind="trickle", trickle_interval=0.05, run_id=run_id))
     sim.add_fault(Fault(kind="delay", delay=5.0))
-    served_before = sum(sim.request_counts().values())
+    attempts = "loops_watcher_api_request_duration_seconds_count"
+    before = watcher.scrape().total(attempts)
+    # Every attempt from now on ends at its deadline, whether or not it reached the server.
     hit = watcher.wait_for_metrics(
         lambda m: (
-            sum(sim.request_counts().values()) - served_before >= 200
+            m.total(attempts) - before >= 200
             and all(m.value("loops_watcher_poll_success", run_id=r) == 0 for r in runs)
         ),
         timeout=30,
-        what="200 requests cut off at their deadline and every run's poll failed",
+        what="200 attempts to hit their deadline and every run's poll to fail",
     )
     assert hit.total("loops_watcher_retries_total", reason="timeout") >= 60
 
@@ -629,6 +638,7 @@ def test_a_rejected_key_is_reported_once_without_a_request_storm(
     assert len(rejected) == 1
     assert rejected[0]["level"] == "error"
     assert rejected[0]["result"] == "unauthorized"
+    assert_log_lines_well_formed(watcher.logs())
 
 
 # --- the run-IDs file ----------------------------------------------------------------------
