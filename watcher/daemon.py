@@ -149,7 +149,9 @@ class Watcher:
         if ids != self._file_ids:
             self.log.info("run_ids_file_loaded", path=str(path), runs=len(ids), reason=reason)
         self._file_ids = ids
-        self.sync_runs(self.desired_runs(), spread=min(1.0, self.settings.fast_poll_interval))
+        if self._started:
+            # Before that, the caller starts every run at once: spread out, the list first.
+            self.sync_runs(self.desired_runs(), spread=min(1.0, self.settings.fast_poll_interval))
 
     async def _watch_run_ids_file(self) -> None:
         path = self.settings.run_ids_file
