@@ -307,10 +307,9 @@ class Watcher:
                 **identity,
             )
         elif isinstance(event, Changed):
-            if event.seconds_in_previous_status is not None:
-                self.metrics.status_duration.labels(event.from_status).observe(
-                    event.seconds_in_previous_status
-                )
+            seconds = event.seconds_in_previous_status
+            if seconds is not None:
+                self.metrics.status_duration.labels(event.from_status).observe(seconds)
             self.log.log(
                 LEVELS[change_level(event.to_status)],
                 "sampler_status_changed",
@@ -318,7 +317,7 @@ class Watcher:
                 sampler_id=event.sampler_id,
                 from_status=event.from_status,
                 to_status=event.to_status,
-                seconds_in_previous_status=event.seconds_in_previous_status,
+                seconds_in_previous_status=(None if seconds is None else round(seconds, 3)),
                 **identity,
             )
         elif isinstance(event, Undocumented):
