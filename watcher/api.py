@@ -199,7 +199,7 @@ class LoopsClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         scheme = "Bearer" if auth_scheme == "bearer" else "Api-Key"
-        self._api_url = api_url
+        self._api_url = api_url.rstrip("/")
         self._headers = {
             "Authorization": f"{scheme} {api_key}",
             "Accept": "application/json",
@@ -227,7 +227,6 @@ class LoopsClient:
         if self._idle:
             return self._idle.pop()
         http = httpx.AsyncClient(
-            base_url=self._api_url,
             headers=self._headers,
             timeout=httpx.Timeout(self._timeout),
             limits=httpx.Limits(
@@ -310,7 +309,9 @@ class LoopsClient:
             http = self._connection()
             try:
                 async with asyncio.timeout(self._timeout):
-                    request = http.build_request("GET", path, params=params)
+                    # An absolute URL and no empty params: httpx's URL merging is slow.
+                    url = self._api_url + path
+                    request = http.build_request("GET", url, params=params or None)
                     response = await http.send(request, stream=True)
                     try:
                         code = str(response.status_code)
