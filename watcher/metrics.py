@@ -1,8 +1,9 @@
 """Prometheus exposition: per-run series rendered from cached blocks, the rest via a registry.
 
 Per-run series (`run_id` label) are rendered into text once per run when that run changes and
-kept as immutable strings; a scrape takes a shallow copy of the mapping (a snapshot: polls can
-go on while it renders) and joins the blocks family by family. A run that stops being watched
+kept as immutable UTF-8 bytes; a scrape takes a shallow copy of the mapping (a snapshot: polls
+can go on while it renders) and joins the blocks family by family, straight into the body (no
+second copy of 17 MB of text to encode it at 10,000 runs). A run that stops being watched
 is dropped from the mapping and so vanishes from the next scrape. prometheus-client's own
 formatter needs over a second for 10,000 runs; the cached blocks parse to identical samples in
 a fraction of that.
@@ -179,13 +180,17 @@ def render_polls(record: RunRecord) -> tuple[str, ...]:
     return (f"loops_watcher_poll_success{{{run_label}}} {success}\n", last, polls)
 
 
+def _encoded(blocks: tuple[str, ...]) -> tuple[bytes, ...]:
+    return tuple(block.encode() for block in blocks)
+
+
 class Metrics:
     """All series the watcher exports, and their rendering for one scrape."""
 
     def __init__(self, registry: CollectorRegistry, version: str) -> None:
         self.registry = registry
-        self._state: dict[str, tuple[str, ...]] = {}
-        self._polls: dict[str, tuple[str, ...]] = {}
+        self._state: dict[str, tuple[bytes, ...]] = {}
+        self._polls: dict[str, tuple[bytes, ...]] = {}
         self.status_duration = Histogram(
             "baseten_loops_sampler_status_duration_seconds",
             "Time a sampler spent in a status, observed on leaving a status seen to begin.",
@@ -221,8 +226,8 @@ class Metrics:
         ).labels(version).set(1)
 
     def watch(self, run_id: str) -> None:
-        self._state.setdefault(run_id, ("",) * len(STATE_FAMILIES))
-        self._polls.setdefault(run_id, ("",) * len(POLL_FAMILIES))
+        self._state.setdefault(run_id, (b"",) * len(STATE_FAMILIES))
+        self._polls.setdefault(run_id, (b"",) * len(POLL_FAMILIES))
 
     def forget(self, run_id: str) -> None:
         self._state.pop(run_id, None)
@@ -232,8 +237,8 @@ class Metrics:
         if record.run_id not in self._polls:
             return  # stopped being watched while its poll was in flight
         if state_changed:
-            self._state[record.run_id] = render_state(record)
-        self._polls[record.run_id] = render_polls(record)
+            self._state[record.run_id] = _encoded(render_state(record))
+        self._polls[record.run_id] = _encoded(render_polls(record))
 
     def render(self, accept: str) -> tuple[bytes, str]:
         """The whole exposition in the format the Accept header asks for."""
@@ -241,10 +246,10 @@ class Metrics:
         openmetrics = content_type.startswith(OPENMETRICS)
         state = list(self._state.values())
         polls = list(self._polls.values())
-        parts: list[str] = []
+        parts: list[bytes] = []
         for families, blocks in ((STATE_FAMILIES, state), (POLL_FAMILIES, polls)):
             for index, family in enumerate(families):
-                parts.append(family.header(openmetrics))
+                parts.append(family.header(openmetrics).encode())
                 parts.extend(block[index] for block in blocks)
-        parts.append(encoder(self.registry).decode())
-        return "".join(parts).encode(), content_type
+        parts.append(encoder(self.registry))
+        return b"".join(parts), content_type
