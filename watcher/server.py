@@ -20,6 +20,7 @@ from watcher import __version__
 HEADER_TIMEOUT = 10.0
 MAX_LINE = 8 * 1024
 MAX_HEADERS = 100
+WRITE_CHUNK = 1024 * 1024
 REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -222,5 +223,11 @@ async def _respond(
     head_text = f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n" + "".join(
         f"{name}: {value}\r\n" for name, value in headers.items()
     )
-    writer.write(head_text.encode("latin-1") + b"\r\n" + (b"" if head else body))
+    writer.write(head_text.encode("latin-1") + b"\r\n")
+    # asyncio (before 3.12) copies whatever the socket does not take at once: a scrape of many
+    # megabytes goes out in pieces, so that copy stays small.
+    view = memoryview(b"" if head else body)
+    for start in range(0, len(view), WRITE_CHUNK):
+        writer.write(view[start : start + WRITE_CHUNK])
+        await writer.drain()
     await writer.drain()
