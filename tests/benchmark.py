@@ -1,0 +1,789 @@
+"""Issue 5's benchmark: the real watcher process against the simulator on loopback.
+
+Run with `make bench` (about five minutes). Every process it starts listens on 127.0.0.1 only,
+uses a fake key and is stopped on the way out, whatever happens. It measures, on this machine
+and in one run:
+
+1. CPU per poll and polls per second of a watcher asked for more than it can do (2,000 runs
+   every second, per-run GETs), next to a bare `httpx.AsyncClient` loop doing only GET + JSON
+   decode against the same simulator with the same concurrency, in its own process;
+2. 10,000 runs every 30 s polled one by one (the key may not list): whether it keeps up, CPU,
+   resident memory, and the time and size of a `/metrics` scrape;
+3. the same runs in list mode: requests per interval, CPU, memory;
+4. how long a status change in the backend takes to show in `/metrics`.
+
+CPU is utime + stime from /proc/<pid>/stat, memory VmRSS from /proc/<pid>/status; polls come
+from `loops_watcher_polls_total` and request counts from the simulator's `/_sim/requests`.
+Timings vary by 15-25 % from run to run here, so repeated measurements are quoted as medians
+and the watcher is compared with a floor measured in the same run.
+
+`python tests/benchmark.py --parts 1,4` runs only some parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gzip
+import json
+import os
+import random
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import httpx
+
+from watcher.model import StatusClass, status_class
+from watcher.scenarios import RunSpec, synthetic_scenario
+
+KEY = "bench-fake-key-not-a-secret"
+HOST = "127.0.0.1"
+TICKS = os.sysconf("SC_CLK_TCK")
+WATCHER = Path(sys.executable).with_name("loops-watcher")
+LIST_FORBIDDEN = {"kind": "status", "status": 403, "endpoint": "list"}
+PROMETHEUS_ACCEPT = "text/plain;version=0.0.4"
+RUN_PATH = "/v1/loops/runs/"
+
+# Part 1: more than the watcher can do.
+SATURATE_RUNS = 2_000
+SATURATE_CONCURRENCY = 32
+WARMUP = 5.0  # seconds before measuring a process that has just started
+# Parts 2 and 3: the size the issue asks about.
+SCALE_RUNS = 10_000
+SCALE_INTERVAL = 30.0
+SCALE_FAST_INTERVAL = 5.0
+SCALE_RATE = 1_000
+# Part 4: short intervals, a few runs steered through the control interface.
+LATENCY_RUNS = 50
+LATENCY_INTERVAL = 5.0
+LATENCY_FAST_INTERVAL = 1.0
+LATENCY_TRIALS = 5
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+class Child:
+    """A process this benchmark started; `stop()` always ends it."""
+
+    def __init__(self, name: str, argv: Sequence[str], *, stdout: int | IO[bytes]) -> None:
+        self.name = name
+        # No proxy variables: every request must stay on loopback.
+        env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
+        env["BASETEN_API_KEY"] = KEY
+        env["LOOPS_SIMULATOR_API_KEY"] = KEY
+        self.proc = subprocess.Popen(argv, env=env, stdout=stdout, stderr=subprocess.STDOUT)
+
+    def cpu(self) -> float:
+        """CPU seconds used so far, user + system, all threads."""
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def memory(self, field: str = "VmRSS") -> int:
+        """Resident memory in bytes: now (VmRSS) or at its peak so far (VmHWM)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{self.name}: no {field}")
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def http_client() -> httpx.Client:
+    return httpx.Client(timeout=httpx.Timeout(30.0), trust_env=False)
+
+
+@dataclass
+class Simulator:
+    child: Child
+    url: str
+    epoch: float  # time.monotonic() when it started; its timelines count from here
+    runs: tuple[RunSpec, ...]
+    http: httpx.Client
+
+    def requests(self) -> dict[str, int]:
+        response = self.http.get(f"{self.url}/_sim/requests")
+        response.raise_for_status()
+        counts: dict[str, int] = response.json()["requests"]
+        return counts
+
+    def run_gets(self) -> int:
+        return sum(n for path, n in self.requests().items() if path.startswith(RUN_PATH))
+
+    def control(self, method: str, path: str, body: object = None) -> None:
+        response = self.http.request(method, f"{self.url}/_sim/{path}", json=body)
+        response.raise_for_status()
+
+
+@contextlib.contextmanager
+def simulator(runs: int) -> Iterator[Simulator]:
+    argv = [sys.executable, "-m", "watcher.simulator", "--listen", f"{HOST}:0", "--runs", str(runs)]
+    child = Child("simulator", argv, stdout=subprocess.PIPE)
+    try:
+        assert child.proc.stdout is not None
+        ready, _, _ = select.select([child.proc.stdout], [], [], 60.0)
+        line = child.proc.stdout.readline().decode() if ready else ""
+        epoch = time.monotonic()
+        if " on " not in line:
+            raise RuntimeError(f"simulator did not start: {line!r}")
+        url = line.split(" on ", 1)[1].split()[0]
+        scenario = synthetic_scenario(runs)  # the same seed: the simulator's runs, timelines too
+        with http_client() as http:
+            sim = Simulator(child, url, epoch, scenario.runs, http)
+            state = http.get(f"{url}/_sim/state").json()
+            if {run["id"] for run in state["runs"]} != {run.id for run in scenario.runs}:
+                raise RuntimeError("the simulator serves other runs than synthetic_scenario()")
+            yield sim
+    finally:
+        child.stop()
+
+
+@dataclass
+class Watcher:
+    child: Child
+    url: str
+    http: httpx.Client
+
+    def scrape(self, *, compressed: bool = False) -> tuple[str, float, int]:
+        """(exposition text, seconds to the last byte, bytes on the wire)."""
+        headers = {
+            "Accept": PROMETHEUS_ACCEPT,
+            "Accept-Encoding": "gzip" if compressed else "identity",
+        }
+        started = time.perf_counter()
+        with self.http.stream("GET", f"{self.url}/metrics", headers=headers) as response:
+            response.raise_for_status()
+            raw = b"".join(response.iter_raw())
+        seconds = time.perf_counter() - started
+        body = gzip.decompress(raw) if compressed else raw
+        return body.decode(), seconds, len(raw)
+
+    def ready(self) -> bool:
+        self.child.check()
+        return self.http.get(f"{self.url}/readyz").status_code == 200
+
+
+def log_entries(path: Path) -> Iterator[dict[str, Any]]:
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict):
+                yield entry
+
+
+def expected_warning(entry: dict[str, Any]) -> bool:
+    """Status changes, and the list refused where the benchmark refuses it."""
+    event = entry.get("event")
+    refused = event == "list_failed" and entry.get("result") == "forbidden"
+    return refused or event in ("sampler_status_changed", "list_mode_unavailable")
+
+
+@contextlib.contextmanager
+def watcher(
+    sim: Simulator, tmp: Path, run_ids: Sequence[str], results: Results, *options: str
+) -> Iterator[Watcher]:
+    """The real watcher process on the given runs; its warnings end up in the notes."""
+    ids_file = tmp / "run-ids.txt"
+    ids_file.write_text("".join(f"{run_id}\n" for run_id in run_ids))
+    log_path = tmp / f"watcher-{time.monotonic_ns()}.log"
+    argv = [
+        str(WATCHER),
+        "--api-url", sim.url,
+        "--run-ids-file", str(ids_file),
+        "--listen-address", f"{HOST}:0",
+        "--log-format", "json",
+        *options,
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        child = Child("watcher", argv, stdout=log)
+    try:
+        url = ""
+
+        def started() -> bool:
+            nonlocal url
+            child.check()
+            for entry in log_entries(log_path):
+                if entry.get("event") == "watcher_started":
+                    url = f"http://{entry['listen']}"
+                    return True
+            return False
+
+        wait_until(started, 30, "watcher_started")
+        with http_client() as http:
+            yield Watcher(child, url, http)
+    except BaseException:
+        sys.stderr.write(log_path.read_text(errors="replace")[-4000:])
+        raise
+    finally:
+        child.stop()
+    noisy = Counter(
+        str(entry.get("event"))
+        for entry in log_entries(log_path)
+        if entry.get("level") in ("warning", "error") and not expected_warning(entry)
+    )
+    if noisy:
+        events = ", ".join(f"{event} x{n}" for event, n in noisy.most_common())
+        results.notes.append(
+            f"the watcher on {len(run_ids):,} runs ({' '.join(options)}) logged {events}"
+        )
+
+
+# --- reading /metrics ------------------------------------------------------------------------
+
+
+def sample_values(text: str, name: str) -> list[float]:
+    prefix = name + "{"
+    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)]
+
+
+def polls_total(text: str) -> float:
+    return sum(sample_values(text, "loops_watcher_polls_total"))
+
+
+def shows_status(text: str, run_id: str, status: str) -> bool:
+    return f'baseten_loops_sampler_status{{run_id="{run_id}",status="{status}"}} 1.0' in text
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    seconds: float
+    cpu: float
+    count: float
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds
+
+    @property
+    def cpu_per_count(self) -> float:
+        return self.cpu / self.count if self.count else float("inf")
+
+
+def measure(child: Child, count: Callable[[], float], seconds: float) -> Window:
+    """CPU and count over one window; the counting itself (a scrape) is left outside it."""
+    count0 = count()
+    cpu0, t0 = child.cpu(), time.monotonic()
+    time.sleep(seconds)
+    t1, cpu1 = time.monotonic(), child.cpu()
+    count1 = count()
+    child.check()
+    return Window(t1 - t0, cpu1 - cpu0, count1 - count0)
+
+
+def share(child: Child) -> Callable[[], float]:
+    """Start timing a process's CPU; the returned function gives its share of one core."""
+    cpu0, t0 = child.cpu(), time.monotonic()
+    return lambda: (child.cpu() - cpu0) / (time.monotonic() - t0)
+
+
+def expected_polls(runs: Sequence[RunSpec], start: float, end: float) -> float:
+    """Polls the simulator's timelines call for between two moments (seconds since its start),
+    at the scale interval for settled statuses and the fast one for transitional ones."""
+    step = 0.5
+    total = 0.0
+    for run in runs:
+        moment = start
+        while moment < end:
+            current = run.at(moment)
+            fast = current is not None and status_class(current.status) is StatusClass.TRANSITIONAL
+            total += step / (SCALE_FAST_INTERVAL if fast else SCALE_INTERVAL)
+            moment += step
+    return total
+
+
+def ever_transitional(run: RunSpec) -> bool:
+    return any(status_class(step.status) is StatusClass.TRANSITIONAL for step in run.timeline or ())
+
+
+def transitional_seconds(runs: Sequence[RunSpec], start: float, end: float) -> float:
+    step = 0.5
+    total = 0.0
+    for run in runs:
+        moment = start
+        while moment < end:
+            current = run.at(moment)
+            if current is not None and status_class(current.status) is StatusClass.TRANSITIONAL:
+                total += step
+            moment += step
+    return total
+
+
+# --- the bare httpx loops ---------------------------------------------------------------------
+
+
+def bare_client(url: str, connections: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=url,
+        headers={"Authorization": f"Bearer {KEY}", "Accept": "application/json"},
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+        timeout=httpx.Timeout(10.0),
+        trust_env=False,
+    )
+
+
+async def bare_loop(
+    url: str, run_ids: Sequence[str], concurrency: int, seconds: float, *, per_connection: bool
+) -> None:
+    """GET + JSON decode and nothing else, `concurrency` at a time, for at most `seconds`:
+    through one client and its pool, or with one single-connection client per worker."""
+    shared = bare_client(url, concurrency)
+    clients = [bare_client(url, 1) for _ in range(concurrency)] if per_connection else [shared]
+
+    async def worker(index: int) -> None:
+        client = clients[index % len(clients)]
+        while True:
+            response = await client.get(RUN_PATH + run_ids[index % len(run_ids)])
+            response.json()
+            index += concurrency
+
+    tasks = [asyncio.create_task(worker(index)) for index in range(concurrency)]
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for client in {shared, *clients}:
+            await client.aclose()
+
+
+# --- the parts -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    part: str
+    measure: str
+    value: str
+    target: str = ""
+    verdict: str = ""
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+@dataclass
+class Results:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    scale_rss: int | None = None  # the per-run-mode watcher with SCALE_RUNS runs
+    small_rss: int | None = None  # a watcher with few runs: the base for memory per run
+
+
+def bare_windows(
+    sim: Simulator,
+    tmp: Path,
+    run_ids: Sequence[str],
+    count: int,
+    seconds: float,
+    *,
+    per_connection: bool,
+) -> tuple[list[Window], float]:
+    """Windows of a bare httpx loop in its own process, and the simulator's share of a core."""
+    ids_file = tmp / "bare-ids.json"
+    ids_file.write_text(json.dumps(list(run_ids)))
+    argv = [
+        sys.executable, __file__, "--bare-loop", sim.url,
+        "--ids", str(ids_file),
+        "--concurrency", str(SATURATE_CONCURRENCY),
+        "--seconds", str(WARMUP + count * seconds + 30),
+    ]  # fmt: skip
+    if per_connection:
+        argv.append("--per-connection")
+    child = Child("bare httpx loop", argv, stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(WARMUP)
+        sim_share = share(sim.child)
+        windows = [measure(child, sim.run_gets, seconds) for _ in range(count)]
+        return windows, sim_share()
+    finally:
+        child.stop()
+
+
+def part_saturated(tmp: Path, results: Results) -> None:
+    count, seconds = 3, 5.0
+    with simulator(SATURATE_RUNS) as sim:
+        sim.control("POST", "faults", LIST_FORBIDDEN)
+        run_ids = [run.id for run in sim.runs]
+        options = [
+            "--poll-interval", "1",
+            "--fast-poll-interval", "1",
+            "--max-requests-per-second", "100000",
+            "--max-concurrency", str(SATURATE_CONCURRENCY),
+        ]  # fmt: skip
+        with watcher(sim, tmp, run_ids, results, *options) as w:
+            wait_until(w.ready, 90, "watcher readiness")
+            time.sleep(WARMUP)
+            sim_share = share(sim.child)
+            watched = [
+                measure(w.child, lambda: polls_total(w.scrape()[0]), seconds) for _ in range(count)
+            ]
+            watched_sim = sim_share()
+        one_pool, one_pool_sim = bare_windows(
+            sim, tmp, run_ids, count, seconds, per_connection=False
+        )
+        per_conn, per_conn_sim = bare_windows(
+            sim, tmp, run_ids, count, seconds, per_connection=True
+        )
+
+    def cpu_us(windows: list[Window]) -> float:
+        return statistics.median(x.cpu_per_count for x in windows) * 1e6
+
+    def rate(windows: list[Window]) -> str:
+        per_second = statistics.median(x.rate for x in windows)
+        core = statistics.median(x.cpu / x.seconds for x in windows)
+        return f"{per_second:,.0f}/s at {core:.0%} of a core"
+
+    mine, pooled, single = cpu_us(watched), cpu_us(one_pool), cpu_us(per_conn)
+    floor = min(pooled, single)
+    part = f"1 saturated: {SATURATE_RUNS:,} runs/1 s, {SATURATE_CONCURRENCY} in flight"
+    results.rows += [
+        Row(part, "watcher CPU per poll", f"{mine:,.0f} us ({rate(watched)})"),
+        Row(part, "bare loop, one client, CPU per GET", f"{pooled:,.0f} us ({rate(one_pool)})"),
+        Row(part, "bare loop, client per connection", f"{single:,.0f} us ({rate(per_conn)})"),
+        Row(part, "watcher / bare loop, one client", f"{mine / pooled:.2f}x"),
+        Row(
+            part,
+            "watcher / the faster bare loop",
+            f"{mine / floor:.2f}x",
+            "<= 1.5x",
+            verdict(mine <= 1.5 * floor),
+        ),
+        Row(
+            part,
+            "simulator CPU (watcher, bare, bare)",
+            f"{watched_sim:.0%}, {one_pool_sim:.0%}, {per_conn_sim:.0%} of a core",
+        ),
+    ]
+
+
+def part_scale(tmp: Path, results: Results) -> None:
+    with simulator(SCALE_RUNS) as sim:
+        run_ids = [run.id for run in sim.runs]
+        options = [
+            "--poll-interval", str(SCALE_INTERVAL),
+            "--fast-poll-interval", str(SCALE_FAST_INTERVAL),
+            "--max-requests-per-second", str(SCALE_RATE),
+        ]  # fmt: skip
+        sim.control("POST", "faults", LIST_FORBIDDEN)
+        per_run_mode(sim, tmp, run_ids, options, results)
+        sim.control("DELETE", "faults")
+        list_mode(sim, tmp, run_ids, options, results)
+
+
+def per_run_mode(
+    sim: Simulator, tmp: Path, run_ids: Sequence[str], options: Sequence[str], results: Results
+) -> None:
+    part = f"2 per-run GETs: {SCALE_RUNS:,} runs/{SCALE_INTERVAL:g} s"
+    scrapes = 5
+    with watcher(sim, tmp, run_ids, results, *options) as w:
+        wait_until(w.ready, 90, "watcher readiness")
+        # The first round is squeezed into runs / rate seconds; jitter spreads the next ones.
+        time.sleep(SCALE_INTERVAL / 3)
+        text, scraped_at, rss = "", 0.0, 0
+
+        def count() -> float:
+            nonlocal text, scraped_at, rss
+            rss = w.child.memory()  # between scrapes, not right after one
+            scraped_at = time.time()
+            text = w.scrape()[0]
+            return polls_total(text)
+
+        start = time.monotonic() - sim.epoch
+        window = measure(w.child, count, 2 * SCALE_INTERVAL)
+        end = time.monotonic() - sim.epoch
+        last = sample_values(text, "loops_watcher_last_success_timestamp_seconds")
+        oldest = scraped_at - min(last)
+        results.scale_rss = rss
+        expected = expected_polls(sim.runs, start, end) / (end - start)
+
+        cpu0 = w.child.cpu()
+        plain = [w.scrape() for _ in range(scrapes)]
+        zipped = [w.scrape(compressed=True) for _ in range(scrapes)]
+        cpu_per_scrape = (w.child.cpu() - cpu0) / (2 * scrapes)
+        peak = w.child.memory("VmHWM")
+    fresh = len(last) == len(run_ids) and oldest <= 1.15 * SCALE_INTERVAL
+    keeps_up = window.rate >= 0.95 * expected and fresh
+    core = window.cpu / window.seconds
+    plain_s = statistics.median(s for _, s, _ in plain)
+    zipped_s = statistics.median(s for _, s, _ in zipped)
+    size, lines = len(plain[-1][0].encode()), plain[-1][0].count("\n")
+    results.rows += [
+        Row(
+            part,
+            "polls per second (timelines call for)",
+            f"{window.rate:,.0f} ({expected:,.0f})",
+            ">= 95 %",
+            verdict(window.rate >= 0.95 * expected),
+        ),
+        Row(
+            part,
+            "oldest last success, end of window",
+            f"{oldest:.1f} s",
+            f"<= {1.15 * SCALE_INTERVAL:g} s",
+            verdict(fresh),
+        ),
+        Row(part, "keeps up", "yes" if keeps_up else "no", "yes", verdict(keeps_up)),
+        Row(
+            part,
+            "CPU",
+            f"{core:.0%} of a core ({window.cpu / window.count * 1e6:,.0f} us/poll)",
+            "< 50 %",
+            verdict(core < 0.5),
+        ),
+        Row(part, "resident memory between scrapes", f"{rss / 1e6:.0f} MB"),
+        Row(
+            part, "peak resident memory", f"{peak / 1e6:.0f} MB", "< 150 MB", verdict(peak < 150e6)
+        ),
+        Row(
+            part,
+            "/metrics scrape, median of 5",
+            f"{plain_s:.3f} s, {size / 1e6:.1f} MB, {lines:,} lines",
+            "< 0.5 s",
+            verdict(plain_s < 0.5),
+        ),
+        Row(
+            part,
+            "/metrics scrape, gzip, median of 5",
+            f"{zipped_s:.3f} s, {zipped[-1][2] / 1e6:.1f} MB sent",
+            "< 0.5 s",
+            verdict(zipped_s < 0.5),
+        ),
+        Row(part, "watcher CPU per scrape", f"{cpu_per_scrape:.3f} s"),
+    ]
+
+
+def list_mode(
+    sim: Simulator, tmp: Path, run_ids: Sequence[str], options: Sequence[str], results: Results
+) -> None:
+    part = f"3 list mode: {SCALE_RUNS:,} runs/{SCALE_INTERVAL:g} s"
+    window_seconds = 2 * SCALE_INTERVAL
+    moving = {run.id for run in sim.runs if ever_transitional(run)}
+    with watcher(sim, tmp, run_ids, results, *options) as w:
+        wait_until(w.ready, 90, "watcher readiness")
+        time.sleep(2 * SCALE_FAST_INTERVAL)  # polls of runs the first list found moving
+        before = sim.requests()
+        start = time.monotonic() - sim.epoch
+        window = measure(w.child, lambda: 0.0, window_seconds)
+        end = time.monotonic() - sim.epoch
+        after = sim.requests()
+        rss, peak = w.child.memory(), w.child.memory("VmHWM")
+    intervals = window.seconds / SCALE_INTERVAL
+    delta = {path: after[path] - before.get(path, 0) for path in after}
+    lists = delta.get(RUN_PATH.rstrip("/"), 0) / intervals
+    gets = {path[len(RUN_PATH) :]: n for path, n in delta.items() if path.startswith(RUN_PATH)}
+    settled = sum(n for run_id, n in gets.items() if run_id not in moving) / intervals
+    fast = sum(n for run_id, n in gets.items() if run_id in moving) / intervals
+    ideal = transitional_seconds(sim.runs, start, end) / SCALE_FAST_INTERVAL / intervals
+    core = window.cpu / window.seconds
+    other = lists + settled
+    results.rows += [
+        Row(part, "list requests per interval", f"{lists:.1f}"),
+        Row(part, "GETs of runs never transitional", f"{settled:.1f} per interval"),
+        Row(
+            part,
+            "requests besides fast polls",
+            f"{other:.1f} per interval",
+            "<= 2",
+            verdict(other <= 2),
+        ),
+        Row(
+            part,
+            "fast polls (time in transitional / fast)",
+            f"{fast:,.0f} ({ideal:,.0f}) per interval",
+        ),
+        Row(part, "CPU", f"{core:.1%} of a core", "< 50 % (as 2)", verdict(core < 0.5)),
+        Row(part, "resident memory now", f"{rss / 1e6:.0f} MB"),
+        Row(
+            part,
+            "peak resident memory",
+            f"{peak / 1e6:.0f} MB",
+            "< 150 MB (as 2)",
+            verdict(peak < 150e6),
+        ),
+    ]
+
+
+def part_latency(tmp: Path, results: Results) -> None:
+    part = f"4 detection: {LATENCY_INTERVAL:g} s, fast {LATENCY_FAST_INTERVAL:g} s, list mode"
+    rng = random.Random(5)
+    steered = [f"bench-latency-{n}" for n in range(LATENCY_TRIALS)]
+    with simulator(LATENCY_RUNS) as sim:
+        for run_id in steered:
+            sim.control("PUT", f"runs/{run_id}", {"status": "ACTIVE"})
+        options = [
+            "--poll-interval", str(LATENCY_INTERVAL),
+            "--fast-poll-interval", str(LATENCY_FAST_INTERVAL),
+            "--max-requests-per-second", "1000",
+        ]  # fmt: skip
+        run_ids = [*(run.id for run in sim.runs), *steered]
+        with watcher(sim, tmp, run_ids, results, *options) as w:
+            wait_until(w.ready, 30, "watcher readiness")
+            wait_until(
+                lambda: all(shows_status(w.scrape()[0], r, "ACTIVE") for r in steered),
+                3 * LATENCY_INTERVAL,
+                "the steered runs to show ACTIVE",
+            )
+
+            def change(run_id: str, status: str) -> float:
+                started = time.monotonic()
+                sim.control("PUT", f"runs/{run_id}", {"status": status})
+                wait_until(
+                    lambda: shows_status(w.scrape()[0], run_id, status),
+                    4 * LATENCY_INTERVAL,
+                    f"{run_id} to show {status}",
+                )
+                return time.monotonic() - started
+
+            settled, moving = [], []
+            for run_id in steered:
+                time.sleep(rng.uniform(0, LATENCY_INTERVAL))  # a random phase against the polls
+                settled.append(change(run_id, "DEPLOYING"))
+                time.sleep(rng.uniform(0.2, 1.0) * LATENCY_FAST_INTERVAL)
+                moving.append(change(run_id, "ACTIVE"))
+            results.small_rss = w.child.memory()
+    for label, seconds, interval in (
+        ("settled run, ACTIVE -> DEPLOYING", settled, LATENCY_INTERVAL),
+        ("transitional run, DEPLOYING -> ACTIVE", moving, LATENCY_FAST_INTERVAL),
+    ):
+        bound = 1.1 * interval + 0.5  # the next poll, at most one interval and its jitter away
+        results.rows.append(
+            Row(
+                part,
+                f"{label}, median / max of {len(seconds)}",
+                f"{statistics.median(seconds):.2f} / {max(seconds):.2f} s",
+                f"max <= {bound:g} s",
+                verdict(max(seconds) <= bound),
+            )
+        )
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
+def finish(results: Results) -> list[Row]:
+    rows = list(results.rows)
+    if results.scale_rss is not None and results.small_rss is not None:
+        few = LATENCY_RUNS + LATENCY_TRIALS
+        per_run = (results.scale_rss - results.small_rss) / (SCALE_RUNS - few)
+        index = next(
+            i for i, row in enumerate(rows) if row.measure == "resident memory between scrapes"
+        )
+        base = f"{per_run / 1e3:.1f} kB (over {results.small_rss / 1e6:.0f} MB with {few} runs)"
+        rows.insert(index + 1, Row(rows[index].part, "memory per run", base))
+    return rows
+
+
+def print_table(rows: Sequence[Row]) -> None:
+    table = [("part", "measure", "value", "target", "")]
+    previous = ""
+    for row in rows:
+        table.append(
+            (
+                row.part if row.part != previous else "",
+                row.measure,
+                row.value,
+                row.target,
+                row.verdict,
+            )
+        )
+        previous = row.part
+    widths = [max(len(line[column]) for line in table) for column in range(5)]
+    for line in table:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
+
+
+PARTS: dict[str, Callable[[Path, Results], None]] = {
+    "1": part_saturated,
+    "2": part_scale,  # parts 2 and 3 share one simulator
+    "4": part_latency,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark the watcher on loopback.")
+    parser.add_argument("--parts", default="1,2,3,4", help="parts to run (2 and 3 go together)")
+    parser.add_argument("--bare-loop", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--ids", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--concurrency", type=int, default=SATURATE_CONCURRENCY, help=argparse.SUPPRESS
+    )
+    parser.add_argument("--seconds", type=float, default=60.0, help=argparse.SUPPRESS)
+    parser.add_argument("--per-connection", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.bare_loop:
+        ids: list[str] = json.loads(args.ids.read_text())
+        loop = bare_loop(
+            args.bare_loop, ids, args.concurrency, args.seconds, per_connection=args.per_connection
+        )
+        asyncio.run(loop)
+        return 0
+
+    def terminate(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)  # so that every `finally` stops its processes
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGHUP, terminate)
+    chosen = {part.strip().replace("3", "2") for part in args.parts.split(",")}
+    results = Results()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="loops-bench-") as tmp:
+        for name, run in PARTS.items():
+            if name in chosen:
+                print(f"part {name}...", file=sys.stderr, flush=True)
+                run(Path(tmp), results)
+    took = time.monotonic() - started
+    print(
+        f"\nloops-watcher benchmark: {os.cpu_count()} CPUs, {took:.0f} s, medians where repeated\n"
+    )
+    rows = finish(results)
+    print_table(rows)
+    for note in results.notes:
+        print(f"note: {note}")
+    return 0 if all(row.verdict != "MISS" for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
