@@ -98,7 +98,7 @@ def test_observation_then_transitions_are_logged_once_each(watcher: Watcher, clo
     assert wake["sampler_id"] == "smp1"
     assert active["seconds_in_previous_status"] == 45
     assert failing["seconds_in_previous_status"] == 100
-    registry_text = watcher.render_metrics("")[0].decode()
+    registry_text = watcher.metrics.render("")[0].decode()
     assert 'baseten_loops_sampler_status_duration_seconds_count{status="WAKING_UP"} 1.0' in (
         registry_text
     )
@@ -149,7 +149,7 @@ def test_undocumented_status_warns_once(watcher: Watcher) -> None:
 def test_outcome_for_an_unwatched_run_is_dropped(watcher: Watcher) -> None:
     watcher.sync_runs({"7wq2m3x": None}, spread=0)
     watcher.apply("k4q95w5", ok(make_run("ACTIVE")))
-    assert "k4q95w5" not in watcher.render_metrics("")[0].decode()
+    assert "k4q95w5" not in watcher.metrics.render("")[0].decode()
 
 
 def test_readiness_waits_for_first_round_then_latches(watcher: Watcher) -> None:

@@ -33,7 +33,7 @@ class Harness:
     watcher: Watcher
 
     def samples(self, family: str) -> dict[tuple[tuple[str, str], ...], float]:
-        text = self.watcher.render_metrics("")[0].decode()
+        text = self.watcher.metrics.render("")[0].decode()
         found: dict[tuple[tuple[str, str], ...], float] = {}
         for metric in text_string_to_metric_families(text):
             for sample in metric.samples:
@@ -132,7 +132,7 @@ async def test_discovery_follows_the_list(
     # A run that leaves the list loses every series after a confirming list.
     with capture_logs() as logs:
         simulator.remove_run("mine001")
-        await until(lambda: "mine001" not in own.watcher.render_metrics("")[0].decode())
+        await until(lambda: "mine001" not in own.watcher.metrics.render("")[0].decode())
     assert {"event": "run_unwatched", "run_id": "mine001", "log_level": "info"} in logs
 
 

@@ -342,8 +342,8 @@ class Watcher:
 
     # --- endpoints ---------------------------------------------------------------------
 
-    def render_metrics(self, accept: str) -> tuple[bytes, str]:
-        return self.metrics.render(accept)
+    def render_metrics(self, accept: str) -> tuple[list[bytes], str]:
+        return self.metrics.render_parts(accept)
 
     def health(self) -> tuple[bool, str]:
         silent = time.monotonic() - self.scheduler.heartbeat

@@ -9,9 +9,9 @@ Prometheus expects, gzips `/metrics` when asked and turns every malformed reques
 from __future__ import annotations
 
 import asyncio
-import gzip
 import html
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,6 +21,8 @@ HEADER_TIMEOUT = 10.0
 MAX_LINE = 8 * 1024
 MAX_HEADERS = 100
 WRITE_CHUNK = 1024 * 1024
+# A response body: one piece, or pieces sent one after the other (a scrape is never joined).
+Body = bytes | list[bytes]
 REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -36,7 +38,7 @@ REASONS = {
 class Endpoints(Protocol):
     """What the server asks of the watcher."""
 
-    def render_metrics(self, accept: str) -> tuple[bytes, str]: ...
+    def render_metrics(self, accept: str) -> tuple[list[bytes], str]: ...
 
     def health(self) -> tuple[bool, str]: ...
 
@@ -104,7 +106,7 @@ async def _read_request(reader: asyncio.StreamReader) -> Request | None:
 class Server:
     def __init__(self, endpoints: Endpoints) -> None:
         self._endpoints = endpoints
-        self._routes: dict[str, Callable[[Request], tuple[int, bytes, str, dict[str, str]]]] = {
+        self._routes: dict[str, Callable[[Request], tuple[int, Body, str, dict[str, str]]]] = {
             "/metrics": self._metrics,
             "/healthz": lambda _req: self._probe(self._endpoints.health()),
             "/readyz": lambda _req: self._probe(self._endpoints.readiness()),
@@ -135,20 +137,20 @@ class Server:
                 await asyncio.wait(list(self._handlers), timeout=1.0)
             await self._server.wait_closed()
 
-    def _metrics(self, request: Request) -> tuple[int, bytes, str, dict[str, str]]:
-        body, content_type = self._endpoints.render_metrics(request.headers.get("accept", ""))
+    def _metrics(self, request: Request) -> tuple[int, Body, str, dict[str, str]]:
+        parts, content_type = self._endpoints.render_metrics(request.headers.get("accept", ""))
         extra: dict[str, str] = {}
-        if "gzip" in request.headers.get("accept-encoding", "") and len(body) > 1024:
-            body = gzip.compress(body, compresslevel=1)
+        if "gzip" in request.headers.get("accept-encoding", "") and _length(parts) > 1024:
+            parts = _gzipped(parts)
             extra["Content-Encoding"] = "gzip"
-        return 200, body, content_type, extra
+        return 200, parts, content_type, extra
 
     @staticmethod
     def _probe(state: tuple[bool, str]) -> tuple[int, bytes, str, dict[str, str]]:
         ok, message = state
         return (200 if ok else 503), f"{message}\n".encode(), "text/plain; charset=utf-8", {}
 
-    def _answer(self, request: Request) -> tuple[int, bytes, str, dict[str, str]]:
+    def _answer(self, request: Request) -> tuple[int, Body, str, dict[str, str]]:
         route = self._routes.get(request.path)
         if route is None:
             return 404, b"not found; try /metrics\n", "text/plain; charset=utf-8", {}
@@ -202,19 +204,45 @@ class Server:
             writer.close()
 
 
+def _length(parts: Iterable[bytes]) -> int:
+    return sum(len(part) for part in parts)
+
+
+def _pieces(parts: Iterable[bytes]) -> Iterator[bytes]:
+    """Consecutive parts joined into pieces of about WRITE_CHUNK bytes."""
+    batch: list[bytes] = []
+    size = 0
+    for part in parts:
+        batch.append(part)
+        size += len(part)
+        if size >= WRITE_CHUNK:
+            yield b"".join(batch)
+            batch, size = [], 0
+    if batch:
+        yield b"".join(batch)
+
+
+def _gzipped(parts: Iterable[bytes]) -> list[bytes]:
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip framing
+    compressed = [compressor.compress(piece) for piece in _pieces(parts)]
+    compressed.append(compressor.flush())
+    return compressed
+
+
 async def _respond(
     writer: asyncio.StreamWriter,
     status: int,
-    body: bytes,
+    body: Body,
     *,
     content_type: str = "text/plain; charset=utf-8",
     extra: dict[str, str] | None = None,
     close: bool,
     head: bool = False,
 ) -> None:
+    parts = [body] if isinstance(body, bytes) else body
     headers = {
         "Content-Type": content_type,
-        "Content-Length": str(len(body)),
+        "Content-Length": str(_length(parts)),
         "Cache-Control": "no-store",
         **(extra or {}),
     }
@@ -224,10 +252,9 @@ async def _respond(
         f"{name}: {value}\r\n" for name, value in headers.items()
     )
     writer.write(head_text.encode("latin-1") + b"\r\n")
-    # asyncio (before 3.12) copies whatever the socket does not take at once: a scrape of many
-    # megabytes goes out in pieces, so that copy stays small.
-    view = memoryview(b"" if head else body)
-    for start in range(0, len(view), WRITE_CHUNK):
-        writer.write(view[start : start + WRITE_CHUNK])
+    # A scrape goes out a piece at a time, never joined whole: asyncio (before 3.12) also
+    # copies whatever the socket does not take at once, so that copy stays small too.
+    for piece in _pieces([] if head else parts):
+        writer.write(piece)
         await writer.drain()
     await writer.drain()
