@@ -16,6 +16,7 @@ import pytest
 from watcher.api import (
     RETRY_AFTER_CAP,
     RUN_BODY_CAP,
+    ConnectionStack,
     LoopsClient,
     RateLimiter,
     Result,
@@ -391,6 +392,7 @@ class MisbehavingServer:
 
     def __init__(self) -> None:
         self.mode = "ok"
+        self.connections = 0
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> MisbehavingServer:
@@ -407,6 +409,7 @@ class MisbehavingServer:
         return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -429,10 +432,13 @@ class MisbehavingServer:
             writer.close()
 
 
-def real_client(url: str, *, request_timeout: float, max_concurrency: int) -> LoopsClient:
-    """A client with httpx's real transport and connection pool."""
+def real_client(
+    url: str, *, request_timeout: float, max_concurrency: int, transport: ConnectionStack | None
+) -> LoopsClient:
+    """A client with httpx's real transports and connections."""
     return LoopsClient(
         api_url=url,
+        transport=transport,
         api_key=FAKE_KEY,
         auth_scheme="bearer",
         request_timeout=request_timeout,
@@ -446,7 +452,7 @@ def real_client(url: str, *, request_timeout: float, max_concurrency: int) -> Lo
 async def test_trickled_body_hits_the_hard_deadline() -> None:
     async with MisbehavingServer() as server:
         server.mode = "trickle"
-        client = real_client(server.url, request_timeout=0.5, max_concurrency=2)
+        client = real_client(server.url, request_timeout=0.5, max_concurrency=2, transport=None)
         start = time.monotonic()
         outcome = await client.get_run("k4q95w5")
         elapsed = time.monotonic() - start
@@ -458,7 +464,8 @@ async def test_trickled_body_hits_the_hard_deadline() -> None:
 
 async def test_hundreds_of_deadline_hits_leave_the_pool_healthy() -> None:
     async with MisbehavingServer() as server:
-        client = real_client(server.url, request_timeout=0.05, max_concurrency=4)
+        stack = ConnectionStack(tls=httpx.create_ssl_context())
+        client = real_client(server.url, request_timeout=0.05, max_concurrency=4, transport=stack)
         results: list[Result] = []
         for mode in ("stall", "trickle"):
             server.mode = mode
@@ -478,3 +485,17 @@ async def test_hundreds_of_deadline_hits_leave_the_pool_healthy() -> None:
         await client.aclose()
     assert results.count(Result.TIMEOUT) == 320
     assert [outcome.result for outcome in healthy] == [Result.OK] * 40
+    assert 1 <= len(stack) <= 4  # one connection per request in flight, never more
+
+
+async def test_connections_are_kept_alive_and_opened_only_as_concurrency_needs() -> None:
+    async with MisbehavingServer() as server:
+        stack = ConnectionStack(tls=httpx.create_ssl_context())
+        client = real_client(server.url, request_timeout=2.0, max_concurrency=8, transport=stack)
+        one_by_one = [await client.get_run(f"s{i}") for i in range(5)]
+        after_one_by_one = server.connections
+        together = await asyncio.gather(*(client.get_run(f"t{i}") for i in range(50)))
+        await client.aclose()
+    assert [outcome.result for outcome in one_by_one + together] == [Result.OK] * 55
+    assert after_one_by_one == 1
+    assert server.connections == len(stack) <= 8
