@@ -9,7 +9,9 @@ and in one run:
    decode against the same simulator with the same concurrency, in its own process;
 2. 10,000 runs every 30 s polled one by one (the key may not list): whether it keeps up, CPU,
    resident memory, and the time and size of a `/metrics` scrape;
-3. the same runs in list mode: requests per interval, CPU, memory;
+3. the same runs in list mode: requests per interval, CPU, memory, and fast polls next to
+   the most there could be (a run that turns transitional between two lists is seen, and then
+   polled fast, from the next list on, so short wake-ups get few fast polls or none);
 4. how long a status change in the backend takes to show in `/metrics`.
 
 CPU is utime + stime from /proc/<pid>/stat, memory VmRSS from /proc/<pid>/status; polls come
@@ -313,26 +315,9 @@ def share(child: Child) -> Callable[[], float]:
     return lambda: (child.cpu() - cpu0) / (time.monotonic() - t0)
 
 
-def expected_polls(runs: Sequence[RunSpec], start: float, end: float) -> float:
-    """Polls the simulator's timelines call for between two moments (seconds since its start),
-    at the scale interval for settled statuses and the fast one for transitional ones."""
-    step = 0.5
-    total = 0.0
-    for run in runs:
-        moment = start
-        while moment < end:
-            current = run.at(moment)
-            fast = current is not None and status_class(current.status) is StatusClass.TRANSITIONAL
-            total += step / (SCALE_FAST_INTERVAL if fast else SCALE_INTERVAL)
-            moment += step
-    return total
-
-
-def ever_transitional(run: RunSpec) -> bool:
-    return any(status_class(step.status) is StatusClass.TRANSITIONAL for step in run.timeline or ())
-
-
 def transitional_seconds(runs: Sequence[RunSpec], start: float, end: float) -> float:
+    """Seconds the runs' timelines spend in a transitional status between two moments (seconds
+    since the simulator's start), summed over the runs, in half-second steps."""
     step = 0.5
     total = 0.0
     for run in runs:
@@ -343,6 +328,18 @@ def transitional_seconds(runs: Sequence[RunSpec], start: float, end: float) -> f
                 total += step
             moment += step
     return total
+
+
+def expected_polls(runs: Sequence[RunSpec], start: float, end: float) -> float:
+    """Polls the timelines call for between two moments: the scale interval for settled
+    statuses, the fast one for transitional ones."""
+    moving = transitional_seconds(runs, start, end)
+    settled = len(runs) * (end - start) - moving
+    return settled / SCALE_INTERVAL + moving / SCALE_FAST_INTERVAL
+
+
+def ever_transitional(run: RunSpec) -> bool:
+    return any(status_class(step.status) is StatusClass.TRANSITIONAL for step in run.timeline or ())
 
 
 # --- the bare httpx loops ---------------------------------------------------------------------
@@ -359,12 +356,21 @@ def bare_client(url: str, connections: int) -> httpx.AsyncClient:
 
 
 async def bare_loop(
-    url: str, run_ids: Sequence[str], concurrency: int, seconds: float, *, per_connection: bool
+    url: str,
+    run_ids: Sequence[str],
+    concurrency: int,
+    seconds: float,
+    *,
+    per_connection: bool,
+    rate: float,
 ) -> None:
-    """GET + JSON decode and nothing else, `concurrency` at a time, for at most `seconds`:
-    through one client and its pool, or with one single-connection client per worker."""
+    """GET + JSON decode and nothing else, for at most `seconds`: `concurrency` at a time
+    back to back, or (`rate` > 0) one started every 1/rate s. Through one client and its pool,
+    or with a single-connection client per request in flight."""
     shared = bare_client(url, concurrency)
     clients = [bare_client(url, 1) for _ in range(concurrency)] if per_connection else [shared]
+    idle = list(clients)
+    requests: set[asyncio.Task[None]] = set()
 
     async def worker(index: int) -> None:
         client = clients[index % len(clients)]
@@ -373,15 +379,36 @@ async def bare_loop(
             response.json()
             index += concurrency
 
-    tasks = [asyncio.create_task(worker(index)) for index in range(concurrency)]
+    async def one(run_id: str) -> None:
+        client = idle.pop()
+        try:
+            (await client.get(RUN_PATH + run_id)).json()
+        finally:
+            idle.append(client)
+
+    async def pacer() -> None:
+        due, index = time.monotonic(), 0
+        while True:
+            due += 1 / rate
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            if idle:  # else more than `concurrency` would be in flight: skip this one
+                task = asyncio.create_task(one(run_ids[index % len(run_ids)]))
+                requests.add(task)
+                task.add_done_callback(requests.discard)
+                index += 1
+
+    if rate:
+        tasks = [asyncio.create_task(pacer())]
+    else:
+        tasks = [asyncio.create_task(worker(index)) for index in range(concurrency)]
     try:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await asyncio.gather(*tasks)
     finally:
-        for task in tasks:
+        for task in [*tasks, *requests]:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *requests, return_exceptions=True)
         for client in {shared, *clients}:
             await client.aclose()
 
@@ -418,6 +445,8 @@ def bare_windows(
     seconds: float,
     *,
     per_connection: bool,
+    concurrency: int = SATURATE_CONCURRENCY,
+    rate: float = 0.0,
 ) -> tuple[list[Window], float]:
     """Windows of a bare httpx loop in its own process, and the simulator's share of a core."""
     ids_file = tmp / "bare-ids.json"
@@ -425,8 +454,9 @@ def bare_windows(
     argv = [
         sys.executable, __file__, "--bare-loop", sim.url,
         "--ids", str(ids_file),
-        "--concurrency", str(SATURATE_CONCURRENCY),
+        "--concurrency", str(concurrency),
         "--seconds", str(WARMUP + count * seconds + 30),
+        "--rate", str(rate),
     ]  # fmt: skip
     if per_connection:
         argv.append("--per-connection")
@@ -542,6 +572,10 @@ def per_run_mode(
         zipped = [w.scrape(compressed=True) for _ in range(scrapes)]
         cpu_per_scrape = (w.child.cpu() - cpu0) / (2 * scrapes)
         peak = w.child.memory("VmHWM")
+    # The floor at this pace: a bare loop starting GETs at the rate the watcher polled.
+    (paced,), _ = bare_windows(
+        sim, tmp, run_ids, 1, 20.0, per_connection=True, concurrency=16, rate=window.rate
+    )
     fresh = len(last) == len(run_ids) and oldest <= 1.15 * SCALE_INTERVAL
     keeps_up = window.rate >= 0.95 * expected and fresh
     core = window.cpu / window.seconds
@@ -570,6 +604,11 @@ def per_run_mode(
             f"{core:.0%} of a core ({window.cpu / window.count * 1e6:,.0f} us/poll)",
             "< 50 %",
             verdict(core < 0.5),
+        ),
+        Row(
+            part,
+            "bare loop paced at that rate",
+            f"{paced.cpu / paced.seconds:.0%} of a core ({paced.cpu_per_count * 1e6:,.0f} us/GET)",
         ),
         Row(part, "resident memory between scrapes", f"{rss / 1e6:.0f} MB"),
         Row(
@@ -629,7 +668,7 @@ def list_mode(
         ),
         Row(
             part,
-            "fast polls (time in transitional / fast)",
+            "fast polls (all transitional time / fast)",
             f"{fast:,.0f} ({ideal:,.0f}) per interval",
         ),
         Row(part, "CPU", f"{core:.1%} of a core", "< 50 % (as 2)", verdict(core < 0.5)),
@@ -752,11 +791,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--seconds", type=float, default=60.0, help=argparse.SUPPRESS)
     parser.add_argument("--per-connection", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare_loop:
         ids: list[str] = json.loads(args.ids.read_text())
         loop = bare_loop(
-            args.bare_loop, ids, args.concurrency, args.seconds, per_connection=args.per_connection
+            args.bare_loop,
+            ids,
+            args.concurrency,
+            args.seconds,
+            per_connection=args.per_connection,
+            rate=args.rate,
         )
         asyncio.run(loop)
         return 0
