@@ -764,6 +764,8 @@ def bad_config(
             (str(config), "'pol_interval'"),
         ),
         "no-key": (list(BASE), watcher_env(api_key=None), ("BASETEN_API_KEY", "--api-key-file")),
+        "unknown-flag": ([*BASE, "--pol-interval", "5"], watcher_env(), ("--pol-interval", "help")),
+        "choice": ([*BASE, "--log-format", "yaml"], watcher_env(), ("--log-format", "'yaml'")),
         "port-in-use": (
             [*BASE, "--listen-address", listen],
             watcher_env(),
@@ -773,7 +775,10 @@ def bad_config(
     return cases[case]
 
 
-@pytest.mark.parametrize("case", ["flag", "environment", "config-file", "no-key", "port-in-use"])
+@pytest.mark.parametrize(
+    "case",
+    ["flag", "environment", "config-file", "no-key", "unknown-flag", "choice", "port-in-use"],
+)
 def test_bad_configuration_exits_2_with_one_line_naming_option_and_value(
     case: str, tmp_path: Path, busy_port: int
 ) -> None:

@@ -176,7 +176,8 @@ class _Parser(argparse.ArgumentParser):
             message = "unrecognized arguments: " + (" ".join(flags) or "(values not shown)")
             if any(flag.startswith("--api-key") for flag in flags):
                 message += f"; the key is never a flag: set {API_KEY_ENV} or use --api-key-file"
-        super().error(message)
+        # One line, like every other configuration error, instead of argparse's usage block.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
