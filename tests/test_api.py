@@ -433,7 +433,11 @@ class MisbehavingServer:
 
 
 def real_client(
-    url: str, *, request_timeout: float, max_concurrency: int, transport: ConnectionStack | None
+    url: str,
+    *,
+    request_timeout: float,
+    max_concurrency: int,
+    transport: ConnectionStack | None = None,
 ) -> LoopsClient:
     """A client with httpx's real transports and connections."""
     return LoopsClient(
@@ -452,7 +456,7 @@ def real_client(
 async def test_trickled_body_hits_the_hard_deadline() -> None:
     async with MisbehavingServer() as server:
         server.mode = "trickle"
-        client = real_client(server.url, request_timeout=0.5, max_concurrency=2, transport=None)
+        client = real_client(server.url, request_timeout=0.5, max_concurrency=2)
         start = time.monotonic()
         outcome = await client.get_run("k4q95w5")
         elapsed = time.monotonic() - start
@@ -464,7 +468,7 @@ async def test_trickled_body_hits_the_hard_deadline() -> None:
 
 async def test_hundreds_of_deadline_hits_leave_the_pool_healthy() -> None:
     async with MisbehavingServer() as server:
-        stack = ConnectionStack(tls=httpx.create_ssl_context())
+        stack = ConnectionStack()
         client = real_client(server.url, request_timeout=0.05, max_concurrency=4, transport=stack)
         results: list[Result] = []
         for mode in ("stall", "trickle"):
@@ -490,7 +494,7 @@ async def test_hundreds_of_deadline_hits_leave_the_pool_healthy() -> None:
 
 async def test_connections_are_kept_alive_and_opened_only_as_concurrency_needs() -> None:
     async with MisbehavingServer() as server:
-        stack = ConnectionStack(tls=httpx.create_ssl_context())
+        stack = ConnectionStack()
         client = real_client(server.url, request_timeout=2.0, max_concurrency=8, transport=stack)
         one_by_one = [await client.get_run(f"s{i}") for i in range(5)]
         after_one_by_one = server.connections

@@ -14,8 +14,8 @@ where httpcore cleans up after itself.
 Connections: one long-lived `httpx.AsyncClient` carries every request, but its transport is
 a stack of httpx transports with one connection each. httpcore 1.0's pool rescans every
 pooled connection, polling each idle socket, whenever a request starts or ends
-(encode/httpcore#1035, #928); with 16-32 connections in one pool that cost several times the
-request itself (3.3x the CPU per poll, measured by `make bench`). A transport is lent to one
+(encode/httpcore#1035, #928); with 32 connections in one pool that about doubles the CPU of
+a request (`make bench` measures both ways with bare httpx loops). A transport is lent to one
 request until its response is closed; the warmest is lent first, and transports are made only
 as concurrency calls for them, so there are never more than `max_concurrency`.
 """
@@ -27,7 +27,6 @@ import email.utils
 import enum
 import json
 import math
-import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -192,9 +191,8 @@ class _LentStream(httpx.AsyncByteStream):
         self._body = body
         self._give_back: Callable[[], None] | None = give_back
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._body:
-            yield chunk
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._body.__aiter__()
 
     async def aclose(self) -> None:
         try:
@@ -212,10 +210,11 @@ class ConnectionStack(httpx.AsyncBaseTransport):
     flight at most, never waits for one, and lends the most recently used first.
     """
 
-    def __init__(self, *, tls: ssl.SSLContext, keepalive_expiry: float = 30.0) -> None:
-        self._tls = tls
+    def __init__(self) -> None:
+        # One TLS context for every connection: loading the CA bundle is slow and large.
+        self._tls = httpx.create_ssl_context()
         self._limits = httpx.Limits(
-            max_connections=1, max_keepalive_connections=1, keepalive_expiry=keepalive_expiry
+            max_connections=1, max_keepalive_connections=1, keepalive_expiry=30.0
         )
         self._transports: list[httpx.AsyncHTTPTransport] = []
         self._idle: list[httpx.AsyncHTTPTransport] = []
@@ -271,14 +270,11 @@ class LoopsClient:
             "Accept": "application/json",
             "User-Agent": f"loops-watcher/{__version__}",
         }
-        if transport is None:
-            # One TLS context for every connection: loading the CA bundle is slow and large.
-            transport = ConnectionStack(tls=httpx.create_ssl_context())
         self._http = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(request_timeout),
             follow_redirects=False,
-            transport=transport,
+            transport=ConnectionStack() if transport is None else transport,
         )
         self._timeout = request_timeout
         self._max_retries = max_retries
