@@ -367,13 +367,15 @@ async def bare_loop(
     """GET + JSON decode and nothing else, for at most `seconds`: `concurrency` at a time
     back to back, or (`rate` > 0) one started every 1/rate s. Through one client and its pool,
     or with a single-connection client per request in flight."""
-    shared = bare_client(url, concurrency)
-    clients = [bare_client(url, 1) for _ in range(concurrency)] if per_connection else [shared]
-    idle = list(clients)
+    if per_connection:
+        clients = [bare_client(url, 1) for _ in range(concurrency)]
+    else:
+        clients = [bare_client(url, concurrency)] * concurrency
+    idle = list(clients)  # one entry per request that may be in flight
     requests: set[asyncio.Task[None]] = set()
 
     async def worker(index: int) -> None:
-        client = clients[index % len(clients)]
+        client = clients[index]
         while True:
             response = await client.get(RUN_PATH + run_ids[index % len(run_ids)])
             response.json()
@@ -409,7 +411,7 @@ async def bare_loop(
         for task in [*tasks, *requests]:
             task.cancel()
         await asyncio.gather(*tasks, *requests, return_exceptions=True)
-        for client in {shared, *clients}:
+        for client in set(clients):
             await client.aclose()
 
 
