@@ -1,9 +1,13 @@
 """The watcher's own HTTP endpoints: `/metrics`, `/healthz`, `/readyz` and a landing page.
 
-A small HTTP/1.1 server on asyncio streams, in the same event loop as the poll loop, so a
-scrape reads state without locks. It answers GET and HEAD, keeps connections alive as
-Prometheus expects, gzips `/metrics` when asked and turns every malformed request into a
-4xx answer rather than an exception.
+HTTP/1.1 itself (framing, keep-alive, what a malformed request is) is h11's state machine;
+this module only reads and writes bytes for it on asyncio streams, in the same event loop as
+the poll loop, so a handler reads state without locks. What it adds is what a client may cost:
+idle keep-alive connections close silently after `KEEPALIVE_TIMEOUT`, a request must arrive
+whole within `REQUEST_TIMEOUT` of its first byte, a response write that makes no progress for
+`WRITE_TIMEOUT` ends the connection, and at most `MAX_CONNECTIONS` are open at once.
+
+Routes are GET (and HEAD) handlers in a table: `Server.route("/path", handler)`.
 """
 
 from __future__ import annotations
@@ -11,28 +15,32 @@ from __future__ import annotations
 import asyncio
 import html
 import zlib
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import h11
 
 from watcher import __version__
+from watcher.logs import get_logger
 
-HEADER_TIMEOUT = 10.0
-MAX_LINE = 8 * 1024
-MAX_HEADERS = 100
-WRITE_CHUNK = 1024 * 1024
+# Longer than a 60 s scrape interval, so Prometheus's next scrape reuses the connection.
+KEEPALIVE_TIMEOUT = 75.0
+# From the first byte of a request to its last.
+REQUEST_TIMEOUT = 10.0
+MAX_REQUEST_HEAD = 16 * 1024
+MAX_REQUEST_BODY = 64 * 1024
+READ_SIZE = 64 * 1024
+# Bodies go out in pieces of this size, each written only once the last one has mostly left,
+# so a client that does not read holds at most about two pieces of the watcher's memory.
+WRITE_CHUNK = 64 * 1024
+GZIP_MIN_SIZE = 1024
+TEXT = "text/plain; charset=utf-8"
+
 # A response body: one piece, or pieces sent one after the other (a scrape is never joined).
-Body = bytes | list[bytes]
-REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
+Body = bytes | Sequence[bytes]
 
 
 class Endpoints(Protocol):
@@ -48,15 +56,29 @@ class Endpoints(Protocol):
 @dataclass(frozen=True, slots=True)
 class Request:
     method: str
-    path: str
-    version: str
-    headers: dict[str, str]
+    path: str  # percent-decoded, without the query; also for absolute-form targets
+    query: Mapping[str, list[str]]
+    headers: Mapping[str, str]  # lower-case names; repeated headers joined with ", "
+
+    def param(self, name: str) -> str | None:
+        """The first value of query parameter `name`, if given."""
+        values = self.query.get(name)
+        return values[0] if values else None
 
 
-class BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: Body
+    content_type: str = TEXT
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[[Request], Response]
+
+
+def text(status: int, message: str, **headers: str) -> Response:
+    return Response(status, f"{message}\n".encode(), TEXT, headers)
 
 
 def landing_page(links: dict[str, str]) -> bytes:
@@ -79,45 +101,43 @@ LINKS = {
 }
 
 
-async def _read_request(reader: asyncio.StreamReader) -> Request | None:
-    line = await reader.readline()
-    if not line:
-        return None  # the client closed an idle keep-alive connection
-    if not line.endswith(b"\n"):
-        raise BadRequest(400, "incomplete request line")
-    parts = line.decode("latin-1").strip().split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise BadRequest(400, "malformed request line")
-    method, target, version = parts
-    headers: dict[str, str] = {}
-    for _ in range(MAX_HEADERS + 1):
-        raw = await reader.readline()
-        if raw in (b"\r\n", b"\n"):
-            return Request(method, target.split("?", 1)[0], version, headers)
-        if not raw.endswith(b"\n"):
-            raise BadRequest(400, "incomplete header")
-        name, sep, value = raw.decode("latin-1").partition(":")
-        if not sep or not name.strip():
-            raise BadRequest(400, "malformed header")
-        headers[name.strip().lower()] = value.strip()
-    raise BadRequest(431, "too many headers")
+class _Refused(Exception):
+    """A request answered with an error status, after which the connection closes."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Server:
     def __init__(self, endpoints: Endpoints) -> None:
         self._endpoints = endpoints
-        self._routes: dict[str, Callable[[Request], tuple[int, Body, str, dict[str, str]]]] = {
-            "/metrics": self._metrics,
-            "/healthz": lambda _req: self._probe(self._endpoints.health()),
-            "/readyz": lambda _req: self._probe(self._endpoints.readiness()),
-            "/": lambda _req: (200, landing_page(LINKS), "text/html; charset=utf-8", {}),
-        }
+        self._routes: dict[str, Handler] = {}
+        self.route("/metrics", self._metrics)
+        self.route("/healthz", lambda _request: _probe(endpoints.health()))
+        self.route("/readyz", lambda _request: _probe(endpoints.readiness()))
+        self.route("/", lambda _request: Response(200, landing_page(LINKS), "text/html"))
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
 
+    def route(self, path: str, handler: Handler) -> None:
+        """Answer GET and HEAD of `path` with `handler`.
+
+        A path ending in `/` (other than `/` itself) also answers every path below it, unless a
+        longer route matches: `route("/api/v1/runs/", h)` serves `/api/v1/runs/abc`.
+        """
+        self._routes[path] = handler
+
+    def _handler(self, path: str) -> Handler | None:
+        found = self._routes.get(path)
+        if found is not None:
+            return found
+        prefixes = [p for p in self._routes if p != "/" and p.endswith("/") and path.startswith(p)]
+        return self._routes[max(prefixes, key=len)] if prefixes else None
+
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_LINE)
+        self._server = await asyncio.start_server(self._serve, host, port, limit=READ_SIZE)
 
     @property
     def port(self) -> int:
@@ -137,66 +157,54 @@ class Server:
                 await asyncio.wait(list(self._handlers), timeout=1.0)
             await self._server.wait_closed()
 
-    def _metrics(self, request: Request) -> tuple[int, Body, str, dict[str, str]]:
+    # --- answers --------------------------------------------------------------------------
+
+    def _metrics(self, request: Request) -> Response:
         parts, content_type = self._endpoints.render_metrics(request.headers.get("accept", ""))
-        extra: dict[str, str] = {}
-        if "gzip" in request.headers.get("accept-encoding", "") and _length(parts) > 1024:
-            parts = _gzipped(parts)
-            extra["Content-Encoding"] = "gzip"
-        return 200, parts, content_type, extra
+        headers = {"Vary": "Accept, Accept-Encoding"}
+        if _accepts_gzip(request.headers.get("accept-encoding", "")) and (
+            _length(parts) > GZIP_MIN_SIZE
+        ):
+            return Response(
+                200, _gzipped(parts), content_type, headers | {"Content-Encoding": "gzip"}
+            )
+        return Response(200, parts, content_type, headers)
 
-    @staticmethod
-    def _probe(state: tuple[bool, str]) -> tuple[int, bytes, str, dict[str, str]]:
-        ok, message = state
-        return (200 if ok else 503), f"{message}\n".encode(), "text/plain; charset=utf-8", {}
-
-    def _answer(self, request: Request) -> tuple[int, Body, str, dict[str, str]]:
-        route = self._routes.get(request.path)
-        if route is None:
-            return 404, b"not found; try /metrics\n", "text/plain; charset=utf-8", {}
+    def _answer(self, request: Request) -> Response:
+        handler = self._handler(request.path)
+        if handler is None:
+            return text(404, "not found; try /metrics")
         if request.method not in ("GET", "HEAD"):
-            return 405, b"only GET and HEAD\n", "text/plain; charset=utf-8", {"Allow": "GET, HEAD"}
-        return route(request)
+            return text(405, "only GET and HEAD", Allow="GET, HEAD")
+        try:
+            return handler(request)
+        except Exception:
+            get_logger().exception("endpoint_failed", path=request.path)
+            return text(500, "internal error; see the watcher's log")
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    # --- one connection -------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         handler = asyncio.current_task()
         assert handler is not None
         self._handlers.add(handler)
         self._writers.add(writer)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         try:
             while True:
                 try:
-                    async with asyncio.timeout(HEADER_TIMEOUT):
-                        request = await _read_request(reader)
-                except BadRequest as exc:
-                    await _respond(writer, exc.status, f"{exc}\n".encode(), close=True)
-                    return
-                except (TimeoutError, ValueError):  # ValueError: line over the stream limit
-                    await _respond(writer, 400, b"bad or slow request\n", close=True)
+                    request = await _read_request(conn, reader)
+                except _Refused as refused:
+                    if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                        await _send(conn, writer, text(refused.status, str(refused)), close=True)
                     return
                 if request is None:
                     return
-                status, body, content_type, extra = self._answer(request)
-                # Request bodies are never read: closing keeps one from being parsed as the
-                # next request on a kept-alive connection.
-                keep_alive = (
-                    request.version == "HTTP/1.1"
-                    and request.headers.get("connection", "").lower() != "close"
-                    and request.headers.get("content-length", "0") == "0"
-                    and "transfer-encoding" not in request.headers
-                )
-                await _respond(
-                    writer,
-                    status,
-                    body,
-                    content_type=content_type,
-                    extra=extra,
-                    close=not keep_alive,
-                    head=request.method == "HEAD",
-                )
-                if not keep_alive:
+                await _send(conn, writer, self._answer(request), head=request.method == "HEAD")
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
-        except (ConnectionError, asyncio.IncompleteReadError):
+                conn.start_next_cycle()
+        except (ConnectionError, TimeoutError):
             return
         finally:
             self._writers.discard(writer)
@@ -204,15 +212,122 @@ class Server:
             writer.close()
 
 
+async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader) -> Request | None:
+    """The next request, read whole; None when the client closes or an idle connection expires."""
+    request: h11.Request | None = None
+    body = 0
+    started = bool(conn.trailing_data[0])  # a pipelined request already (partly) read
+    try:
+        async with asyncio.timeout(REQUEST_TIMEOUT if started else KEEPALIVE_TIMEOUT) as deadline:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await reader.read(READ_SIZE)
+                    if data and not started:
+                        started = True
+                        deadline.reschedule(asyncio.get_running_loop().time() + REQUEST_TIMEOUT)
+                    conn.receive_data(data)
+                elif isinstance(event, h11.Request):
+                    request = event
+                elif isinstance(event, h11.Data):
+                    body += len(event.data)
+                    if body > MAX_REQUEST_BODY:
+                        raise _Refused(413, "request body too large")
+                elif isinstance(event, h11.EndOfMessage):
+                    assert request is not None
+                    return _request(request)
+                else:  # ConnectionClosed: the client is gone, between requests or within one
+                    return None
+    except h11.RemoteProtocolError as exc:
+        if reader.at_eof():
+            return None  # the client left in the middle of a request: nobody to answer
+        raise _Refused(exc.error_status_hint, f"bad request: {exc}") from None
+    except TimeoutError:
+        if started:
+            raise _Refused(408, "request not received in time") from None
+        return None  # an idle keep-alive connection: closed without a word
+
+
+def _request(event: h11.Request) -> Request:
+    if not event.http_version.startswith(b"1."):
+        raise _Refused(505, "only HTTP/1.x")
+    target = urlsplit(event.target.decode("ascii", "replace"))
+    headers: dict[str, str] = {}
+    for name, value in event.headers:
+        key = name.decode("ascii")
+        decoded = value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {decoded}" if key in headers else decoded
+    return Request(
+        method=event.method.decode("ascii"),
+        path=unquote(target.path) or "/",
+        query=parse_qs(target.query),
+        headers=headers,
+    )
+
+
+async def _send(
+    conn: h11.Connection,
+    writer: asyncio.StreamWriter,
+    response: Response,
+    *,
+    head: bool = False,
+    close: bool = False,
+) -> None:
+    parts = [response.body] if isinstance(response.body, bytes) else response.body
+    headers = {
+        "Content-Type": response.content_type,
+        "Content-Length": str(_length(parts)),
+        "Cache-Control": "no-store",
+        **response.headers,
+    }
+    if close:
+        headers["Connection"] = "close"
+    writer.write(
+        conn.send(
+            h11.Response(
+                status_code=response.status,
+                headers=list(headers.items()),
+                reason=HTTPStatus(response.status).phrase,
+            )
+        )
+    )
+    if not head:
+        for piece in _pieces(parts):
+            writer.write(conn.send(h11.Data(data=piece)))
+            await writer.drain()
+    writer.write(conn.send(h11.EndOfMessage()))
+    await writer.drain()
+
+
+def _probe(state: tuple[bool, str]) -> Response:
+    ok, message = state
+    return text(200 if ok else 503, message)
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    for item in accept_encoding.split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() == "gzip":
+            return params.replace(" ", "").lower() not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
+
+
 def _length(parts: Iterable[bytes]) -> int:
     return sum(len(part) for part in parts)
 
 
 def _pieces(parts: Iterable[bytes]) -> Iterator[bytes]:
-    """Consecutive parts joined into pieces of about WRITE_CHUNK bytes."""
+    """The parts as pieces of about WRITE_CHUNK bytes: small ones joined, large ones cut."""
     batch: list[bytes] = []
     size = 0
     for part in parts:
+        if len(part) > WRITE_CHUNK:
+            if batch:
+                yield b"".join(batch)
+                batch, size = [], 0
+            for start in range(0, len(part), WRITE_CHUNK):
+                yield part[start : start + WRITE_CHUNK]
+            continue
         batch.append(part)
         size += len(part)
         if size >= WRITE_CHUNK:
@@ -227,34 +342,3 @@ def _gzipped(parts: Iterable[bytes]) -> list[bytes]:
     compressed = [compressor.compress(piece) for piece in _pieces(parts)]
     compressed.append(compressor.flush())
     return compressed
-
-
-async def _respond(
-    writer: asyncio.StreamWriter,
-    status: int,
-    body: Body,
-    *,
-    content_type: str = "text/plain; charset=utf-8",
-    extra: dict[str, str] | None = None,
-    close: bool,
-    head: bool = False,
-) -> None:
-    parts = [body] if isinstance(body, bytes) else body
-    headers = {
-        "Content-Type": content_type,
-        "Content-Length": str(_length(parts)),
-        "Cache-Control": "no-store",
-        **(extra or {}),
-    }
-    if close:
-        headers["Connection"] = "close"
-    head_text = f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n" + "".join(
-        f"{name}: {value}\r\n" for name, value in headers.items()
-    )
-    writer.write(head_text.encode("latin-1") + b"\r\n")
-    # A scrape goes out a piece at a time, never joined whole: asyncio (before 3.12) also
-    # copies whatever the socket does not take at once, so that copy stays small too.
-    for piece in _pieces([] if head else parts):
-        writer.write(piece)
-        await writer.drain()
-    await writer.drain()
