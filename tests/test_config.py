@@ -106,6 +106,67 @@ def test_bad_values_name_option_source_and_value(
         load(["--run-id", "ok1", *argv] if "--run-id" not in argv else argv, env)
 
 
+def test_shard_options_from_flags_environment_and_file(tmp_path: Path) -> None:
+    assert (load(["--run-id", "a"]).shard, load(["--run-id", "a"]).total_shards) == (0, 1)
+    settings = load(["--run-id", "a", "--total-shards", "4", "--shard", "3"])
+    assert (settings.shard, settings.total_shards) == (3, 4)
+    env = {"LOOPS_WATCHER_TOTAL_SHARDS": "3", "LOOPS_WATCHER_SHARD": "2"}
+    assert load(["--run-id", "a"], env).shard == 2
+    config = tmp_path / "w.toml"
+    config.write_text('run_id = ["a"]\ntotal_shards = 2\nshard = "auto"\n')
+    from_file = load_settings(
+        ["--config", str(config)], BASE_ENV, stdout_is_tty=False, hostname=lambda: "lw-1"
+    )
+    assert (from_file.shard, from_file.total_shards) == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("hostname", "ordinal"),
+    [("loops-watcher-2", 2), ("loops-watcher-0.loops-watcher.monitoring.svc", 0)],
+)
+def test_shard_auto_takes_the_statefulset_ordinal(hostname: str, ordinal: int) -> None:
+    settings = load_settings(
+        ["--run-id", "a", "--total-shards", "3", "--shard", "auto"],
+        BASE_ENV,
+        stdout_is_tty=False,
+        hostname=lambda: hostname,
+    )
+    assert settings.shard == ordinal
+    assert redacted(settings)["shard"] == ordinal
+
+
+@pytest.mark.parametrize(
+    ("argv", "hostname", "expected"),
+    [
+        (
+            ["--shard", "auto", "--total-shards", "3"],
+            "worker",
+            r"--shard \(from command line\): invalid value 'auto': the hostname 'worker' does "
+            r"not end in -<ordinal>",
+        ),
+        (
+            ["--shard", "auto", "--total-shards", "3"],
+            "loops-watcher-3",
+            r"--shard \(from command line\): invalid value auto \(hostname 'loops-watcher-3'\): "
+            r"--total-shards \(from command line\) is 3, so shards are numbered 0 to 2",
+        ),
+        (["--shard", "1"], "x", r"--shard .*invalid value 1: --total-shards \(from default\) is 1"),
+        (["--shard", "-1", "--total-shards", "2"], "x", r"--shard .*'-1': a shard is a number"),
+        (["--shard", "one"], "x", r"--shard .*invalid value 'one': a shard is a number .* or auto"),
+        (["--shard", "²"], "x", r"--shard .*invalid value '²'"),
+        (["--total-shards", "0"], "x", r"--total-shards .*invalid value '0'"),
+        (["--total-shards", "many"], "x", r"--total-shards .*invalid value 'many'"),
+    ],
+)
+def test_bad_shard_values_name_the_option_and_value(
+    argv: list[str], hostname: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_settings(
+            ["--run-id", "a", *argv], BASE_ENV, stdout_is_tty=False, hostname=lambda: hostname
+        )
+
+
 def test_bad_file_value_names_the_file(tmp_path: Path) -> None:
     config = tmp_path / "w.toml"
     config.write_text('run_id = ["a"]\npoll_interval = "soon"\n')

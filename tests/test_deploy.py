@@ -65,12 +65,13 @@ CONTRACT_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "loops_watcher_api_request_duration_seconds": ("histogram", ()),
     "loops_watcher_watched_runs": ("gauge", ()),
     "loops_watcher_build_info": ("gauge", ("version",)),
+    "loops_watcher_shard_info": ("gauge", ("shard", "total_shards")),
 }
 CONTRACT_OPTIONS = {
     "config", "api_url", "api_key_file", "auth_scheme", "run_id", "run_ids_file", "discover",
     "poll_interval", "fast_poll_interval", "request_timeout", "max_retries", "max_concurrency",
     "max_requests_per_second", "listen_address", "log_format", "log_level", "demo",
-    "check_config", "once",
+    "check_config", "once", "total_shards", "shard",
 }  # fmt: skip
 DEFAULT_PORT = 9877
 # Labels Prometheus itself attaches (scrape target, histogram bucket); `up` is its own series.
@@ -439,7 +440,11 @@ def test_alerts_and_dashboard_use_only_contract_metric_and_label_names() -> None
         used |= metrics
     # Every metric is shown or alerted on somewhere, except the two only kept for joins/tables.
     unused = {name for name in CONTRACT_METRICS if not series_names(name) & used}
-    assert unused == {"baseten_loops_run_status", "baseten_loops_run_created_timestamp_seconds"}
+    assert unused == {
+        "baseten_loops_run_status",
+        "baseten_loops_run_created_timestamp_seconds",
+        "loops_watcher_shard_info",
+    }
 
 
 def test_alert_unit_tests_feed_series_shaped_like_the_contracts() -> None:
@@ -584,6 +589,7 @@ def contract_series() -> list[dict[str, str]]:
     add("up", f"1x{steps}")
     add("loops_watcher_watched_runs", f"4x{steps}")
     add("loops_watcher_build_info", f"1x{steps}", version="0.1.0")
+    add("loops_watcher_shard_info", f"1x{steps}", shard="0", total_shards="1")
     for run_id, status in (("run-a", "ACTIVE"), ("run-b", "UNHEALTHY"), ("run-c", "WAKING_UP")):
         for documented in SAMPLER_STATUSES:
             value = 1 if documented == status else 0

@@ -11,6 +11,7 @@ import io
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -21,6 +22,7 @@ from watcher.cli import run_once
 from watcher.config import Settings, load_settings
 from watcher.daemon import LIST_MODE_MIN_RUNS, Watcher
 from watcher.scenarios import Scenario
+from watcher.sharding import shard_of
 from watcher.simulator import Fault, Simulator
 
 FAKE_KEY = "fake-listmode-key"
@@ -219,3 +221,46 @@ async def test_once_reads_many_runs_with_one_list(simulator: Simulator) -> None:
     assert "UNHEALTHY" in table
     assert "unreadable: not_found" in table
     assert simulator.request_counts() == {"/v1/loops/runs": 1, "/v1/loops/runs/gone123": 1}
+
+
+async def test_shards_split_configured_file_and_discovered_runs(
+    simulator: Simulator, start: Callable[..., Harness], tmp_path: Path
+) -> None:
+    configured = [f"conf{number:03d}" for number in range(12)]
+    in_file = [f"file{number:03d}" for number in range(12)]
+    discovered = [f"disc{number:03d}" for number in range(12)]
+    for run_id in (*configured, *in_file, *discovered):
+        simulator.set_run(run_id, status="ACTIVE", owner=CALLER)
+    run_ids_file = tmp_path / "runs.txt"
+    run_ids_file.write_text("\n".join(in_file) + "\n")
+    argv = [arg for run_id in configured for arg in ("--run-id", run_id)]
+    argv += ["--run-ids-file", str(run_ids_file), "--discover", "own", "--total-shards", "2"]
+    shards = [start(*argv, "--shard", str(index)) for index in range(2)]
+    everything = {*configured, *in_file, *discovered}
+
+    def split() -> bool:
+        return all(
+            set(shard.watcher.tracker.runs) == {r for r in everything if shard_of(r, 2) == index}
+            for index, shard in enumerate(shards)
+        )
+
+    await until(split)
+    assert all(len(shard.watcher.tracker.runs) < len(everything) for shard in shards)
+    await until(
+        lambda: all(shard.status_of(r) for shard in shards for r in shard.watcher.tracker.runs)
+    )
+    for index, shard in enumerate(shards):
+        exported = {
+            dict(labels)["run_id"] for labels in shard.samples("loops_watcher_poll_success")
+        }
+        assert exported == set(shard.watcher.tracker.runs)
+        assert shard.samples("loops_watcher_shard_info") == {
+            (("shard", str(index)), ("total_shards", "2")): 1.0
+        }
+
+    # Runs arriving later, by the file or by the list, land in exactly one shard too.
+    simulator.set_run("late-listed", status="ACTIVE", owner=CALLER)
+    simulator.set_run("late-filed", status="ACTIVE", owner="bob@example.com")
+    run_ids_file.write_text("\n".join([*in_file, "late-filed"]) + "\n")
+    everything |= {"late-listed", "late-filed"}
+    await until(split, within=10.0)

@@ -16,6 +16,7 @@ from prometheus_client.samples import Sample
 from watcher.api import Result
 from watcher.metrics import Metrics
 from watcher.model import SAMPLER_STATUSES
+from watcher.sharding import Shard
 from watcher.tracker import Tracker
 
 OPENMETRICS_ACCEPT = "application/openmetrics-text; version=1.0.0"
@@ -45,7 +46,7 @@ def value(found: dict[str, list[Sample]], family: str, **labels: str) -> float:
 
 @pytest.fixture
 def world() -> tuple[Tracker, Metrics]:
-    tracker, metrics = Tracker(), Metrics(CollectorRegistry(), "1.2.3")
+    tracker, metrics = Tracker(), Metrics(CollectorRegistry(), "1.2.3", Shard(1, 3))
     for run_id in ("k4q95w5", "7wq2m3x"):
         tracker.watch(run_id)
         metrics.watch(run_id)
@@ -99,6 +100,8 @@ def test_state_set_and_identity(world: tuple[Tracker, Metrics]) -> None:
     assert value(found, "loops_watcher_last_success_timestamp_seconds", run_id="k4q95w5") == 130
     assert value(found, "loops_watcher_polls", run_id="k4q95w5", result="ok") == 2
     assert value(found, "loops_watcher_build_info", version="1.2.3") == 1
+    (shard_info,) = found["loops_watcher_shard_info"]
+    assert (shard_info.labels, shard_info.value) == ({"shard": "1", "total_shards": "3"}, 1)
     assert value(found, "loops_watcher_watched_runs") == 2
     # The run never polled yet exports nothing per run.
     assert not any(s.labels.get("run_id") == "7wq2m3x" for f in found.values() for s in f)

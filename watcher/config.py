@@ -11,8 +11,9 @@ import argparse
 import math
 import os
 import re
+import socket
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
@@ -20,6 +21,7 @@ from typing import Annotated, Any, Literal, NoReturn
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -28,6 +30,7 @@ from pydantic import (
 )
 
 from watcher import __version__
+from watcher.sharding import hostname_ordinal
 
 ENV_PREFIX = "LOOPS_WATCHER_"
 API_KEY_ENV = "BASETEN_API_KEY"
@@ -51,6 +54,14 @@ def check_run_id(run_id: str) -> str:
     if not RUN_ID_PATTERN.match(run_id):
         raise ValueError(f"{run_id[:80]!r} is not a run ID (letters, digits, '_', '-', '.')")
     return run_id
+
+
+def _shard_number(value: object) -> object:
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]+\s*", value):
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("a shard is a number from 0 to --total-shards minus 1, or auto")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +100,8 @@ class Settings(BaseModel):
     max_retries: int = Field(default=3, ge=0, le=10)
     max_concurrency: int = Field(default=16, ge=1, le=1024)
     max_requests_per_second: float = Field(default=20.0, gt=0, le=100_000)
+    total_shards: int = Field(default=1, ge=1, le=1000)
+    shard: Annotated[int, BeforeValidator(_shard_number)] = 0  # `auto` is resolved before
     listen_address: str = "0.0.0.0:9877"
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -154,6 +167,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_retries", "int", "retries of one poll on transient failure (3)", "N"),
     Option("max_concurrency", "int", "requests in flight at once (16)", "N"),
     Option("max_requests_per_second", "float", "global cap on requests to the API (20)", "R"),
+    Option("total_shards", "int", "split the runs among N watchers by their ID's hash (1)", "N"),
+    Option("shard", "str", "this watcher's shard: 0 to N-1, or auto (hostname's ordinal)", "I"),
     Option("listen_address", "str", "where /metrics is served (0.0.0.0:9877)", "HOST:PORT"),
     Option("log_format", "str", "json unless stdout is a terminal", choices=("json", "console")),
     Option("log_level", "str", "minimum log level", choices=("debug", "info", "warning", "error")),
@@ -280,6 +295,7 @@ def load_settings(
     environ: Mapping[str, str],
     *,
     stdout_is_tty: bool,
+    hostname: Callable[[], str] = socket.gethostname,
 ) -> Settings:
     """Parse, merge and validate; raise ConfigError (exit 2) on any bad input."""
     flags = vars(build_parser().parse_args(argv))
@@ -302,11 +318,22 @@ def load_settings(
             values[name] = value
             sources[name] = f"environment {_BY_NAME[name].env}" if label == "environment" else label
     values.setdefault("log_format", "console" if stdout_is_tty else "json")
+    shown_shard = values.get("shard")
+    if str(shown_shard).strip().lower() == "auto":
+        name = hostname()
+        values["shard"] = _shard_from_hostname(name, sources)
+        shown_shard = f"auto (hostname {name!r})"
 
     try:
         settings = Settings(**values)
     except ValidationError as exc:
         raise ConfigError(_validation_message(exc, values, sources)) from None
+    if settings.shard >= settings.total_shards:
+        raise ConfigError(
+            f"{_describe('shard', sources)}: invalid value {shown_shard}: "
+            f"{_describe('total_shards', sources)} is {settings.total_shards}, so shards "
+            f"are numbered 0 to {settings.total_shards - 1}"
+        )
 
     if settings.demo:
         return settings
@@ -328,6 +355,17 @@ def load_settings(
     if settings.run_ids_file is not None:
         read_run_ids_file(settings.run_ids_file)  # fail at start, not on the first re-read
     return settings.model_copy(update={"api_key": key})
+
+
+def _shard_from_hostname(hostname: str, sources: Mapping[str, str]) -> int:
+    ordinal = hostname_ordinal(hostname)
+    if ordinal is None:
+        raise ConfigError(
+            f"{_describe('shard', sources)}: invalid value 'auto': the hostname {hostname!r} "
+            "does not end in -<ordinal> as a StatefulSet pod's does (loops-watcher-2); "
+            "give the shard number instead"
+        )
+    return ordinal
 
 
 def read_run_ids_file(path: Path) -> tuple[str, ...]:

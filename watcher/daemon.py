@@ -28,6 +28,7 @@ from watcher.metrics import Metrics
 from watcher.model import Run, StatusClass, status_class
 from watcher.scheduler import Cadence, Scheduler
 from watcher.server import Server
+from watcher.sharding import Shard
 from watcher.tracker import Changed, Event, Observed, Tracker, Undocumented
 
 FILE_CHECK_INTERVAL = 2.0
@@ -85,7 +86,8 @@ class Watcher:
         self.clock = clock
         self.log = get_logger()
         self.tracker = Tracker()
-        self.metrics = Metrics(registry, __version__)
+        self.shard = Shard(settings.shard, settings.total_shards)
+        self.metrics = Metrics(registry, __version__, self.shard)
         self.client = LoopsClient(
             api_url=settings.api_url,
             api_key=settings.api_key.get_secret_value() if settings.api_key else "",
@@ -108,7 +110,8 @@ class Watcher:
         self._list_usable = True
         self._list_failures = 0
         self._discovered: dict[str, int] = {}  # run_id -> successive lists it was missing from
-        self._file_ids: tuple[str, ...] = ()
+        self._configured = tuple(filter(self.shard.owns, settings.run_id))
+        self._file_ids: tuple[str, ...] = ()  # this shard's share of the file
         self._file_stamp: FileStamp | None = None
         # Longest a healthy poll can take: every attempt at its deadline plus capped waits.
         self._poll_limit = (settings.request_timeout + RETRY_AFTER_CAP) * (
@@ -118,7 +121,8 @@ class Watcher:
     # --- the set of watched runs -------------------------------------------------------
 
     def desired_runs(self) -> dict[str, None]:
-        return dict.fromkeys((*self.settings.run_id, *self._file_ids, *self._discovered))
+        """This shard's runs: configured, from the file, discovered (each kept only if owned)."""
+        return dict.fromkeys((*self._configured, *self._file_ids, *self._discovered))
 
     def sync_runs(self, desired: dict[str, None], *, spread: float, after: float = 0.0) -> None:
         for run_id in [r for r in self.scheduler.run_ids if r not in desired]:
@@ -141,7 +145,7 @@ class Watcher:
             return
         self._file_stamp = _stamp(path)
         try:
-            ids = read_run_ids_file(path)
+            ids = tuple(filter(self.shard.owns, read_run_ids_file(path)))
         except ConfigError as exc:
             # Keep watching what we had: a half-written file must not drop every run.
             self.log.error("run_ids_file_invalid", path=str(path), error=str(exc), reason=reason)
@@ -176,7 +180,8 @@ class Watcher:
         outcome = await self.client.list_runs(
             scope="org" if discover in (None, "org") else None,
             base_model=self.settings.discover_base_model if discover else None,
-            expected_runs=len(self.tracker.runs),
+            # The list holds every shard's runs, not only this one's.
+            expected_runs=len(self.tracker.runs) * self.shard.total,
         )
         self._awaiting_first_poll.discard(FIRST_LIST)
         if outcome.result is not Result.OK:
@@ -186,7 +191,8 @@ class Watcher:
         if self._list_failures:
             self.log.info("list_recovered", failed_lists=self._list_failures)
         self._list_failures = 0
-        listed = {run.id: run for run in outcome.value}
+        # Every shard lists every run and keeps its own share.
+        listed = {run.id: run for run in outcome.value if self.shard.owns(run.id)}
         if discover:
             self._update_discovered(listed)
         now = self.clock()

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
 from watcher.model import RUN_STATUSES, SAMPLER_STATUSES
+from watcher.sharding import Shard
 from watcher.tracker import RunRecord
 
 OPENMETRICS = "application/openmetrics-text"
@@ -188,7 +189,7 @@ def _encoded(blocks: tuple[str, ...]) -> tuple[bytes, ...]:
 class Metrics:
     """All series the watcher exports, and their rendering for one scrape."""
 
-    def __init__(self, registry: CollectorRegistry, version: str) -> None:
+    def __init__(self, registry: CollectorRegistry, version: str, shard: Shard) -> None:
         self.registry = registry
         self._state: dict[str, tuple[bytes, ...]] = {}
         self._polls: dict[str, tuple[bytes, ...]] = {}
@@ -225,6 +226,12 @@ class Metrics:
             ["version"],
             registry=registry,
         ).labels(version).set(1)
+        Gauge(
+            "loops_watcher_shard_info",
+            "Which share of the runs this watcher watches: shard of total_shards; always 1.",
+            ["shard", "total_shards"],
+            registry=registry,
+        ).labels(str(shard.index), str(shard.total)).set(1)
 
     def watch(self, run_id: str) -> None:
         self._state.setdefault(run_id, (b"",) * len(STATE_FAMILIES))
