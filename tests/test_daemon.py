@@ -130,6 +130,24 @@ def test_failures_warn_once_per_streak_and_key_rejection_once(watcher: Watcher) 
     ]
 
 
+def key_rejected(watcher: Watcher) -> float | None:
+    return watcher.metrics.registry.get_sample_value("loops_watcher_api_key_rejected")
+
+
+def test_key_rejected_gauge_holds_from_the_first_rejection_until_a_poll_succeeds(
+    watcher: Watcher,
+) -> None:
+    assert key_rejected(watcher) == 0, "exported at 0 before anything was rejected"
+    watcher.apply("k4q95w5", failed(Result.FORBIDDEN))
+    assert key_rejected(watcher) == 1, "the first rejection sets it"
+    # Timeouts and 5xx say nothing about the key, however many come and however slowly.
+    for result in (Result.TIMEOUT, Result.SERVER_ERROR, Result.CONNECTION_ERROR):
+        watcher.apply("7wq2m3x", failed(result))
+        assert key_rejected(watcher) == 1
+    watcher.apply("7wq2m3x", ok(make_run("ACTIVE", run_id="7wq2m3x")))
+    assert key_rejected(watcher) == 0
+
+
 def test_failure_backs_off_and_honours_retry_after(watcher: Watcher) -> None:
     first = watcher.apply("k4q95w5", failed(Result.RATE_LIMITED, retry_after=42))
     second = watcher.apply("k4q95w5", failed(Result.TIMEOUT))

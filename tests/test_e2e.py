@@ -104,6 +104,7 @@ def test_exports_state_identity_and_watcher_series_for_each_run(
             "sampler_id": sampler["id"] if sampler else "",
             "model_id": sampler["model_id"] if sampler else "",
             "deployment_id": sampler["deployment_id"] if sampler else body["deployment_id"],
+            "owner": body["user"]["email"],
         }
         assert metrics.value(
             "baseten_loops_run_created_timestamp_seconds", run_id=run_id
@@ -141,6 +142,8 @@ def test_exports_state_identity_and_watcher_series_for_each_run(
 
     assert metrics.value("loops_watcher_watched_runs") == len(STEADY)
     assert metrics.value("loops_watcher_build_info", version=__version__) == 1
+    assert metrics.value("loops_watcher_api_key_rejected") == 0
+    assert (metrics.value("process_resident_memory_bytes") or 0) > 0
     assert metrics.total("loops_watcher_api_requests_total", code="200") >= len(STEADY)
     assert metrics.total("loops_watcher_api_request_duration_seconds_count") >= len(STEADY)
     assert metrics.run_ids() == set(STEADY)
@@ -635,6 +638,7 @@ def test_a_rejected_key_is_reported_once_without_a_request_storm(
         assert metrics.value("loops_watcher_poll_success", run_id=run_id) == 0
         assert metrics.total("loops_watcher_polls_total", run_id=run_id, result="unauthorized") >= 2
     assert metrics.total("loops_watcher_retries_total") == 0  # 401 is not retried
+    assert metrics.value("loops_watcher_api_key_rejected") == 1
     rejected = watcher.logs("api_key_rejected")
     assert len(rejected) == 1
     assert rejected[0]["level"] == "error"

@@ -81,6 +81,7 @@ def test_state_set_and_identity(world: tuple[Tracker, Metrics]) -> None:
         "sampler_id": "smp1",
         "model_id": "m1",
         "deployment_id": "d1",
+        "owner": "",
     }
     assert value(found, "baseten_loops_run_created_timestamp_seconds", run_id="k4q95w5") == 1.7e9
     assert (
@@ -105,6 +106,23 @@ def test_state_set_and_identity(world: tuple[Tracker, Metrics]) -> None:
     assert value(found, "loops_watcher_watched_runs") == 2
     # The run never polled yet exports nothing per run.
     assert not any(s.labels.get("run_id") == "7wq2m3x" for f in found.values() for s in f)
+
+
+def test_owner_is_the_runs_user_email(world: tuple[Tracker, Metrics]) -> None:
+    tracker, metrics = world
+    observe(tracker, metrics, "ACTIVE", 1.0, user_email="ada@example.com")
+    found = samples(metrics.render("")[0].decode())
+    assert value(found, "baseten_loops_run_info", owner="ada@example.com") == 1
+
+
+def test_watcher_and_process_series_exist_before_any_poll() -> None:
+    found = samples(Metrics(CollectorRegistry(), "1.2.3").render("")[0].decode())
+    assert value(found, "loops_watcher_api_key_rejected") == 0
+    assert value(found, "loops_watcher_watched_runs") == 0
+    assert value(found, "process_resident_memory_bytes") > 0
+    assert value(found, "process_start_time_seconds") > 0
+    assert found["python_info"][0].labels["implementation"]
+    assert found["python_gc_collections"]
 
 
 def test_run_status_state_set_when_reported(world: tuple[Tracker, Metrics]) -> None:

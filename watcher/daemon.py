@@ -184,6 +184,7 @@ class Watcher:
             expected_runs=len(self.tracker.runs) * self.shard.total,
         )
         self._awaiting_first_poll.discard(FIRST_LIST)
+        self._key_verdict(outcome)
         if outcome.result is not Result.OK:
             self._list_failed(outcome)
             return
@@ -254,8 +255,11 @@ class Watcher:
             return Cadence(fast=False)  # unwatched while the request was in flight
         if outcome.result is Result.OK:
             assert outcome.value is not None
-            return self._record_success(outcome.value, now)
-        return self._record_failure(run_id, outcome)
+            cadence = self._record_success(outcome.value, now)
+        else:
+            cadence = self._record_failure(run_id, outcome)
+        self._key_verdict(outcome, run_id)
+        return cadence
 
     def _record_success(self, run: Run, now: float) -> Cadence:
         previous = self.tracker.runs[run.id]
@@ -267,9 +271,6 @@ class Watcher:
         self.metrics.update(record, state_changed=changed)
         if had_failures:
             self.log.info("poll_recovered", run_id=run.id, failed_polls=had_failures)
-        if self._key_rejected:
-            self._key_rejected = False
-            self.log.info("api_key_accepted")
         status = record.status
         return Cadence(fast=status is not None and status_class(status) is StatusClass.TRANSITIONAL)
 
@@ -289,18 +290,36 @@ class Watcher:
             attempts=outcome.attempts,
             consecutive_failures=record.consecutive_failures,
         )
-        if outcome.result in KEY_REJECTED and not self._key_rejected:
-            self._key_rejected = True
+        return Cadence(
+            fast=False, failures=record.consecutive_failures, retry_after=outcome.retry_after
+        )
+
+    def _key_verdict(self, outcome: Outcome[Any], run_id: str | None = None) -> None:
+        """Keep the API's latest word on the key: the last rejection or success decides.
+
+        The gauge holds until an answer says otherwise, however rarely failing runs are polled,
+        so the alert on it stays firing until a poll succeeds.
+        """
+        if outcome.result is Result.OK:
+            rejected = False
+        elif outcome.result in KEY_REJECTED:
+            rejected = True
+        else:
+            return  # a timeout or a 5xx says nothing about the key
+        if rejected == self._key_rejected:
+            return
+        self._key_rejected = rejected
+        self.metrics.api_key_rejected.set(int(rejected))
+        if rejected:
             self.log.error(
                 "api_key_rejected",
-                run_id=run_id,
+                **({"run_id": run_id} if run_id else {"request": "list"}),
                 result=str(outcome.result),
                 detail=outcome.detail,
                 hint="check the key in BASETEN_API_KEY or --api-key-file, and --auth-scheme",
             )
-        return Cadence(
-            fast=False, failures=record.consecutive_failures, retry_after=outcome.retry_after
-        )
+        else:
+            self.log.info("api_key_accepted")
 
     def _emit(self, event: Event, run: Run) -> None:
         identity: dict[str, Any] = {"run_name": run.name, "base_model": run.base_model}

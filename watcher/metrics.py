@@ -9,8 +9,9 @@ is dropped from the mapping and so vanishes from the next scrape. prometheus-cli
 formatter needs over a second for 10,000 runs; the cached blocks parse to identical samples in
 a fraction of that.
 
-Series that outlive runs (API requests, retries, durations by status, build info) are ordinary
-prometheus-client metrics in the `CollectorRegistry` given to `Metrics`.
+Series that outlive runs (API requests, retries, durations by status, build info, the key's
+state) are ordinary prometheus-client metrics in the `CollectorRegistry` given to `Metrics`,
+beside prometheus-client's standard `process_*` and `python_*` collectors.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.exposition import choose_encoder
 
 from watcher.model import RUN_STATUSES, SAMPLER_STATUSES
@@ -135,6 +144,7 @@ def render_state(record: RunRecord) -> tuple[str, ...]:
         "sampler_id": sampler.id if sampler else "",
         "model_id": sampler.model_id if sampler else "",
         "deployment_id": sampler.deployment_id if sampler else (run.deployment_id or ""),
+        "owner": run.user_email or "",
     }
     info = "".join(f',{key}="{escape(value)}"' for key, value in info_labels.items())
     run_status = (
@@ -232,6 +242,15 @@ class Metrics:
             ["shard", "total_shards"],
             registry=registry,
         ).labels(str(shard.index), str(shard.total)).set(1)
+        # Born at 0, not at the first rejection: an alert sees the change from the first scrape.
+        self.api_key_rejected = Gauge(
+            "loops_watcher_api_key_rejected",
+            "1 while the Loops API rejects the API key (401 or 403), else 0.",
+            registry=registry,
+        )
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
 
     def watch(self, run_id: str) -> None:
         self._state.setdefault(run_id, (b"",) * len(STATE_FAMILIES))

@@ -19,7 +19,10 @@ from dataclasses import dataclass
 
 import structlog
 
-MAX_BACKOFF = 600.0
+# A failing run is still polled at least this often (plus jitter): alerts that watch polls
+# (deploy/prometheus/alerts.yml; tests/test_deploy.py checks the windows) must see a recovery,
+# a fixed key or a fresh failure well within their windows, never after them.
+MAX_BACKOFF = 120.0
 JITTER = 0.1
 TICK = 1.0  # the loop wakes at least this often, which is what /healthz watches
 # Polls due within this much (at most a fiftieth of the fast interval) start together: one
