@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench clean runbook-url
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ test: lint typecheck unit
 
 bench: $(STAMP)
 	$(BIN)/python tests/benchmark.py
+
+# Where every alert's runbook_url points: your copy of deploy/RUNBOOK.md. Change it here, then
+# `make runbook-url` rewrites the alert rules, their tests and the PrometheusRule to match.
+RUNBOOK_URL ?= https://github.com/loops-watcher/loops-watcher/blob/main/deploy/RUNBOOK.md
+
+runbook-url:
+	sed -i -E 's|(runbook_url: "?)[^"#]*#|\1$(RUNBOOK_URL)#|' deploy/prometheus/alerts.yml \
+		deploy/prometheus/alerts_test.yml deploy/kubernetes/prometheusrule.yaml
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from watcher.model import SAMPLER_STATUSES
+from watcher.scheduler import JITTER, MAX_BACKOFF
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -47,6 +48,7 @@ CONTRACT_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
             "sampler_id",
             "model_id",
             "deployment_id",
+            "owner",
         ),
     ),
     "baseten_loops_run_status": ("gauge", ("run_id", "status")),
@@ -66,7 +68,13 @@ CONTRACT_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "loops_watcher_watched_runs": ("gauge", ()),
     "loops_watcher_build_info": ("gauge", ("version",)),
     "loops_watcher_shard_info": ("gauge", ("shard", "total_shards")),
+    "loops_watcher_api_key_rejected": ("gauge", ()),
 }
+# Exported beside the contract's table, and listed in the README: name -> (type, labels).
+EXTRA_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "loops_watcher_discovery_failing": ("gauge", ()),
+}
+EXPORTED_METRICS = {**CONTRACT_METRICS, **EXTRA_METRICS}
 CONTRACT_OPTIONS = {
     "config", "api_url", "api_key_file", "auth_scheme", "run_id", "run_ids_file", "discover",
     "poll_interval", "fast_poll_interval", "request_timeout", "max_retries", "max_concurrency",
@@ -80,16 +88,18 @@ JOB = "loops-watcher"
 
 
 def series_names(name: str) -> set[str]:
-    kind = CONTRACT_METRICS[name][0]
+    kind = EXPORTED_METRICS[name][0]
     if kind == "histogram":
         return {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
     return {name}
 
 
-ALLOWED_METRICS = {"up"} | {series for name in CONTRACT_METRICS for series in series_names(name)}
+ALLOWED_METRICS = {"up"} | {series for name in EXPORTED_METRICS for series in series_names(name)}
 ALLOWED_LABELS = (
-    TARGET_LABELS | {"le"} | {label for _, labels in CONTRACT_METRICS.values() for label in labels}
+    TARGET_LABELS | {"le"} | {label for _, labels in EXPORTED_METRICS.values() for label in labels}
 )
+# The label set every run-level alert copies from baseten_loops_run_info.
+RUN_IDENTITY_JOIN = "group_left(run_name, base_model, model_id, deployment_id, owner)"
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -124,6 +134,27 @@ def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
 def alert_rules() -> list[dict[str, Any]]:
     groups = load_yaml(ALERTS)["groups"]
     return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def recorded_metrics() -> set[str]:
+    groups = load_yaml(ALERTS)["groups"]
+    return {rule["record"] for group in groups for rule in group["rules"] if "record" in rule}
+
+
+def seconds(duration: str) -> float:
+    """A Prometheus duration such as `1h30m` or `15s`, in seconds."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+    parts = re.findall(r"(\d+)(ms|[smhdwy])", duration)
+    assert "".join(f"{n}{u}" for n, u in parts) == duration, duration
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def makefile_variable(name: str) -> str:
+    match = re.search(
+        rf"^{name}\s*\?=\s*(\S+)$", (ROOT / "Makefile").read_text(encoding="utf-8"), re.M
+    )
+    assert match, f"no {name} in the Makefile"
+    return match[1]
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -349,7 +380,7 @@ def test_every_alert_has_severity_summary_description_and_runbook() -> None:
             text = annotations["summary"] + annotations["description"]
             for label in ("run_id", "run_name", "base_model"):
                 assert f"$labels.{label}" in text, f"{name} does not name the run's {label}"
-            assert "group_left(run_name, base_model, model_id, deployment_id)" in rule["expr"]
+            assert RUN_IDENTITY_JOIN in rule["expr"], f"{name} does not carry the run's owner"
 
 
 def github_anchor(heading: str) -> str:
@@ -360,12 +391,56 @@ def test_runbook_has_a_section_for_every_alert_and_none_for_missing_ones() -> No
     headings = re.findall(r"^#{2,3} (.+)$", RUNBOOK.read_text(encoding="utf-8"), re.M)
     anchors = {github_anchor(heading) for heading in headings}
     names = {rule["alert"] for rule in alert_rules()}
+    base = makefile_variable("RUNBOOK_URL")
+    assert base.startswith("https://")
+    assert base.endswith(f"/{RUNBOOK.relative_to(ROOT)}")
     for rule in alert_rules():
         page, _, anchor = rule["annotations"]["runbook_url"].partition("#")
-        assert page == RUNBOOK.name, rule["runbook_url"]
+        assert page == base, f"{rule['alert']}: {page} is not RUNBOOK_URL; run make runbook-url"
         assert anchor in anchors, f"{rule['alert']}: no section #{anchor} in {RUNBOOK.name}"
     alert_sections = {heading for heading in headings if heading.startswith("Loops")}
     assert alert_sections == names
+
+
+def test_make_runbook_url_points_every_link_at_one_new_place(tmp_path: Path) -> None:
+    copy = tmp_path / "repo"
+    shutil.copytree(DEPLOY, copy / "deploy")
+    new = "https://git.example.internal/sre/loops-watcher/-/blob/v2/deploy/RUNBOOK.md"
+    result = run(
+        "make", "-s", "-f", ROOT / "Makefile", "runbook-url", f"RUNBOOK_URL={new}", cwd=copy
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for path in (ALERTS, ALERTS_TEST, KUBERNETES / "prometheusrule.yaml"):
+        text = (copy / path.relative_to(ROOT)).read_text(encoding="utf-8")
+        links = re.findall(r"runbook_url: \"?([^\"\n]+)", text)
+        assert links, path
+        assert {link.partition("#")[0] for link in links} == {new}, path
+    (rule,) = load_yaml_docs(copy / (KUBERNETES / "prometheusrule.yaml").relative_to(ROOT))
+    assert rule["spec"]["groups"] == load_yaml(copy / ALERTS.relative_to(ROOT))["groups"]
+    promtool = tool("promtool", "prometheus")
+    tested = run(promtool, "test", "rules", copy / ALERTS_TEST.relative_to(ROOT))
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def poll_watching_windows() -> dict[str, float]:
+    """The shortest window (`for:` or range) of each alert reading a series that polls update."""
+    poll_series = {"loops_watcher_poll_success", "loops_watcher_last_success_timestamp_seconds"}
+    windows: dict[str, float] = {}
+    for rule in alert_rules():
+        if promql_names(rule["expr"])[0] & poll_series:
+            spans = [seconds(span) for span in re.findall(r"\[(\w+)\]", rule["expr"])]
+            spans += [seconds(rule["for"])] if "for" in rule else []
+            spans += [float(n) for n in re.findall(r"> (\d+)", rule["expr"])]
+            windows[rule["alert"]] = min(spans)
+    return windows
+
+
+def test_backoff_never_stretches_a_poll_past_the_windows_of_alerts_watching_it() -> None:
+    windows = poll_watching_windows()
+    assert set(windows) == {"LoopsWatcherPollFailing", "LoopsWatcherDataStale"}
+    longest_gap = MAX_BACKOFF * (1 + JITTER)
+    for alert, window in windows.items():
+        assert longest_gap < window / 2, f"{alert}: a poll may wait {longest_gap} s of {window} s"
 
 
 def test_prometheusrule_carries_exactly_the_groups_of_alerts_yml() -> None:
@@ -433,13 +508,13 @@ def test_alerts_and_dashboard_use_only_contract_metric_and_label_names() -> None
     for where, expr in sources:
         metrics, labels = promql_names(expr)
         assert metrics, f"{where}: no metric found in {expr}"
-        assert metrics <= ALLOWED_METRICS, (
+        assert metrics <= ALLOWED_METRICS | recorded_metrics(), (
             f"{where}: not contract metrics: {metrics - ALLOWED_METRICS}"
         )
         assert labels <= ALLOWED_LABELS, f"{where}: not contract labels: {labels - ALLOWED_LABELS}"
         used |= metrics
     # Every metric is shown or alerted on somewhere, except the two only kept for joins/tables.
-    unused = {name for name in CONTRACT_METRICS if not series_names(name) & used}
+    unused = {name for name in EXPORTED_METRICS if not series_names(name) & used}
     assert unused == {
         "baseten_loops_run_status",
         "baseten_loops_run_created_timestamp_seconds",
@@ -454,8 +529,8 @@ def test_alert_unit_tests_feed_series_shaped_like_the_contracts() -> None:
             allowed = set(TARGET_LABELS)
             if name == "up":
                 pass
-            elif name in CONTRACT_METRICS:
-                allowed |= set(CONTRACT_METRICS[name][1])
+            elif name in EXPORTED_METRICS:
+                allowed |= set(EXPORTED_METRICS[name][1])
             else:
                 pytest.fail(f"{name} is not a contract metric")
             assert set(re.findall(r"(\w+)=", labels)) <= allowed, series["series"]
@@ -590,6 +665,8 @@ def contract_series() -> list[dict[str, str]]:
     add("loops_watcher_watched_runs", f"4x{steps}")
     add("loops_watcher_build_info", f"1x{steps}", version="0.1.0")
     add("loops_watcher_shard_info", f"1x{steps}", shard="0", total_shards="1")
+    add("loops_watcher_api_key_rejected", f"1x{steps}")
+    add("loops_watcher_discovery_failing", f"0x{steps}")
     for run_id, status in (("run-a", "ACTIVE"), ("run-b", "UNHEALTHY"), ("run-c", "WAKING_UP")):
         for documented in SAMPLER_STATUSES:
             value = 1 if documented == status else 0
@@ -606,6 +683,7 @@ def contract_series() -> list[dict[str, str]]:
             sampler_id=f"smp-{run_id}",
             model_id=f"mdl-{run_id}",
             deployment_id=f"dep-{run_id}",
+            owner="ada@example.com",
         )
         add("baseten_loops_run_status", f"1x{steps}", run_id=run_id, status="ACTIVE")
         add("baseten_loops_run_status", f"0x{steps}", run_id=run_id, status="INACTIVE")
