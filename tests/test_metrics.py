@@ -116,7 +116,7 @@ def test_owner_is_the_runs_user_email(world: tuple[Tracker, Metrics]) -> None:
 
 
 def test_watcher_and_process_series_exist_before_any_poll() -> None:
-    found = samples(Metrics(CollectorRegistry(), "1.2.3").render("")[0].decode())
+    found = samples(Metrics(CollectorRegistry(), "1.2.3", Shard(0, 1)).render("")[0].decode())
     assert value(found, "loops_watcher_api_key_rejected") == 0
     assert value(found, "loops_watcher_watched_runs") == 0
     assert value(found, "process_resident_memory_bytes") > 0
