@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 from typing import Any
 
@@ -29,3 +30,22 @@ def make_run(sampler_status: str | None, run_id: str = "k4q95w5", **changes: Any
         name="sft",
     )
     return replace(run, **changes)
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    """`data` with a few random deletions, hostile insertions and flipped bytes."""
+    buf = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        spot = rng.randrange(len(buf) + 1)
+        choice = rng.random()
+        if choice < 0.3 and buf:
+            del buf[spot : spot + rng.randint(1, 20)]
+        elif choice < 0.6:
+            piece = rng.choice(
+                [b"[", b"]", b"{", b"}", b'"', b"\\", b"\\udc80", b"\xff", b"\xed\xb2\x80",
+                 b"null", b"1e999", b"-", b",", b":", b"NaN", b'"\\u0000"', b"\x00", b"\xe2\x82"]
+            )  # fmt: skip
+            buf[spot:spot] = piece * rng.randint(1, 3)
+        elif buf:
+            buf[min(spot, len(buf) - 1)] = rng.randrange(256)
+    return bytes(buf)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from factories import mutate
 
 from watcher.api import (
     RETRY_AFTER_CAP,
@@ -87,8 +92,7 @@ def make_client(
         "max_requests_per_second": 10_000.0,
     }
     settings.update(options)
-    if transport is None:
-        assert handler is not None
+    if handler is not None:  # otherwise `transport`, or with neither the real stack
         transport = httpx.MockTransport(handler)
     client = LoopsClient(
         api_url=api_url,
@@ -342,15 +346,15 @@ async def test_list_runs_passes_filters() -> None:
     body = {"runs": [run_body("a1")["run"], run_body("b2", "FAILED")["run"]]}
     handler, seen = sequence(httpx.Response(200, json=body))
     client, _, _ = make_client(handler)
-    outcome = await client.list_runs(scope="org", base_model="Qwen/Qwen3-8B", expected_runs=2)
+    outcome = await client.list_runs(scope="org", base_model="Qwen/Qwen3-8B")
     assert outcome.result is Result.OK
     assert outcome.value is not None
-    assert [run.id for run in outcome.value] == ["a1", "b2"]
+    assert [run.id for run in outcome.value.runs] == ["a1", "b2"]
     assert seen[0].url.params["scope"] == "org"
     assert seen[0].url.params["base_model"] == "Qwen/Qwen3-8B"
     handler, seen = sequence(httpx.Response(200, json={"runs": []}))
     client, _, _ = make_client(handler)
-    await client.list_runs(scope=None, base_model=None, expected_runs=0)
+    await client.list_runs(scope=None, base_model=None)
     assert "scope" not in seen[0].url.params
 
 
@@ -503,3 +507,201 @@ async def test_connections_are_kept_alive_and_opened_only_as_concurrency_needs()
     assert [outcome.result for outcome in one_by_one + together] == [Result.OK] * 55
     assert after_one_by_one == 1
     assert server.connections == len(stack) <= 8
+
+
+def run_json(run_id: str = "k4q95w5", status: str = "ACTIVE") -> dict[str, Any]:
+    run: dict[str, Any] = run_body(run_id, status)["run"]
+    return run
+
+
+async def test_lone_surrogate_in_a_run_name_is_replaced_not_fatal() -> None:
+    body = {"run": {**run_json(), "name": "x\udc80"}}  # json.dumps sends it as "\udc80"
+    client, _, _ = make_client(sequence(httpx.Response(200, content=json.dumps(body)))[0])
+    outcome = await client.get_run("k4q95w5")
+    assert outcome.result is Result.OK
+    assert outcome.value is not None
+    assert outcome.value.name == "x\ufffd"
+
+
+@pytest.mark.parametrize("path", ["run", "list"])
+async def test_deeply_nested_body_is_an_invalid_response(path: str) -> None:
+    deep = b"[" * 200_000 + b"]" * 200_000
+    content = b'{"run": ' + deep + b"}" if path == "run" else b'{"runs": [' + deep + b"]}"
+    client, _, _ = make_client(sequence(httpx.Response(200, content=content))[0])
+    outcome = await (
+        client.get_run("k4q95w5")
+        if path == "run"
+        else client.list_runs(scope="org", base_model=None)
+    )
+    assert outcome.result is Result.INVALID_RESPONSE
+    assert "recursion" in outcome.detail
+
+
+async def test_any_exception_while_parsing_is_an_invalid_response(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def explode(body: Any) -> Any:
+        raise ZeroDivisionError("parser bug")
+
+    monkeypatch.setattr("watcher.api.parse_run_response", explode)
+    client, _, _ = make_client(sequence(httpx.Response(200, json=run_body()))[0])
+    outcome = await client.get_run("k4q95w5")
+    assert outcome.result is Result.INVALID_RESPONSE
+    assert "parser bug" in outcome.detail
+
+
+async def test_fuzzed_run_bodies_end_in_ok_or_invalid_response() -> None:
+    rng = random.Random(88)
+    valid = json.dumps(run_body()).encode()
+    bodies = [mutate(valid, rng) for _ in range(500)]
+    client, _, _ = make_client(
+        lambda request: httpx.Response(200, content=bodies.pop()), max_retries=0
+    )
+    while bodies:
+        outcome = await client.get_run("k4q95w5")
+        assert outcome.result in (Result.OK, Result.INVALID_RESPONSE)
+
+
+async def test_one_bad_list_entry_fails_only_that_entry() -> None:
+    bad = run_json("b2")
+    bad["sampler"] = {**bad["sampler"], "status": None}
+    serverless = run_json("c3")
+    serverless["sampler"] = {**serverless["sampler"], "model_id": None, "deployment_id": None}
+    body = {"runs": [run_json("a1"), bad, serverless]}
+    client, _, _ = make_client(sequence(httpx.Response(200, json=body))[0])
+    outcome = await client.list_runs(scope="org", base_model=None)
+    assert outcome.result is Result.OK
+    assert outcome.value is not None
+    assert [run.id for run in outcome.value.runs] == ["a1", "c3"]
+    assert [entry.run_id for entry in outcome.value.invalid] == ["b2"]
+
+
+async def test_list_body_cap_is_fixed_not_per_watched_run() -> None:
+    # About 6 MB, like an org of 8,000 runs with longer names and more fields than these.
+    runs = [{**run_json(f"r{i:05d}"), "name": "n" * 400} for i in range(8000)]
+    body = json.dumps({"runs": runs}).encode()
+    assert len(body) > 5_000_000
+    client, _, _ = make_client(sequence(httpx.Response(200, content=body))[0])
+    outcome = await client.list_runs(scope="org", base_model=None)
+    assert outcome.result is Result.OK
+    assert outcome.value is not None
+    assert len(outcome.value.runs) == 8000
+    small, _, _ = make_client(
+        sequence(httpx.Response(200, content=body))[0], list_body_cap=4 * 1024 * 1024
+    )
+    refused = await small.list_runs(scope="org", base_model=None)
+    assert refused.result is Result.INVALID_RESPONSE
+    assert "4194304-byte cap" in refused.detail
+
+
+async def test_an_answer_carries_when_its_attempt_was_sent() -> None:
+    handler, _ = sequence(httpx.Response(503), httpx.Response(200, json=run_body()))
+    client, _, _ = make_client(handler)
+    before = time.monotonic()
+    outcome = await client.get_run("k4q95w5")
+    assert outcome.attempts == 2
+    assert before <= outcome.requested <= time.monotonic()
+
+
+async def test_connection_errors_name_the_host() -> None:
+    client, _, _ = make_client(
+        transport=None, api_url="http://127.0.0.1:9", max_retries=0, request_timeout=5.0
+    )
+    outcome = await client.get_run("k4q95w5")
+    await client.aclose()
+    assert outcome.result is Result.CONNECTION_ERROR
+    assert "cannot reach 127.0.0.1:9" in outcome.detail
+
+
+class CannedServer:
+    """A loopback HTTP/1.1 server answering every request with one run body, recording what
+    was asked; stands in for the API behind TLS, or for a forward proxy."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self, tls: Any = None) -> CannedServer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=tls)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.requests.append(head.split(b"\r\n", 1)[0].decode())
+        body = json.dumps(run_body()).encode()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+
+async def test_http_proxy_from_the_environment_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = await CannedServer().start()
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    # Nothing listens at the API's address: only the proxy can answer.
+    client, _, _ = make_client(transport=None, api_url="http://127.0.0.2:9", max_retries=0)
+    outcome = await client.get_run("k4q95w5")
+    await client.aclose()
+    await proxy.close()
+    assert outcome.result is Result.OK
+    assert proxy.requests == ["GET http://127.0.0.2:9/v1/loops/runs/k4q95w5 HTTP/1.1"]
+
+
+async def test_no_proxy_bypasses_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy, api = await CannedServer().start(), await CannedServer().start()
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+    monkeypatch.setenv("NO_PROXY", "localhost")
+    client, _, _ = make_client(transport=None, api_url=f"http://localhost:{api.port}")
+    outcome = await client.get_run("k4q95w5")
+    await client.aclose()
+    await proxy.close()
+    await api.close()
+    assert outcome.result is Result.OK
+    assert (proxy.requests, api.requests) == ([], ["GET /v1/loops/runs/k4q95w5 HTTP/1.1"])
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that no CA bundle trusts, and its key."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_ssl_cert_file_is_trusted(
+    monkeypatch: pytest.MonkeyPatch, self_signed: tuple[Path, Path]
+) -> None:
+    cert, key = self_signed
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    api = await CannedServer().start(tls)
+    url = f"https://127.0.0.1:{api.port}"
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    trusting, _, _ = make_client(transport=None, api_url=url, max_retries=0)
+    trusted = await trusting.get_run("k4q95w5")
+    monkeypatch.delenv("SSL_CERT_FILE")
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    default, _, _ = make_client(transport=None, api_url=url, max_retries=0)
+    refused = await default.get_run("k4q95w5")
+    for client in (trusting, default):
+        await client.aclose()
+    await api.close()
+    assert trusted.result is Result.OK
+    assert refused.result is Result.CONNECTION_ERROR
+    assert "CERTIFICATE_VERIFY_FAILED" in refused.detail

@@ -57,8 +57,9 @@ def observe(
     tracker: Tracker, metrics: Metrics, sampler_status: str | None, at: float, **kw: Any
 ) -> None:
     run = make_run(sampler_status, **kw)
-    _, changed = tracker.record_success(run, at)
-    metrics.update(tracker.runs[run.id], state_changed=changed)
+    tracker.observe(run, at)
+    metrics.update_state(tracker.runs[run.id])
+    metrics.update_polls(tracker.record_poll(run.id, Result.OK, at))
 
 
 def test_state_set_and_identity(world: tuple[Tracker, Metrics]) -> None:
@@ -136,7 +137,7 @@ def test_run_status_state_set_when_reported(world: tuple[Tracker, Metrics]) -> N
 def test_failed_poll_keeps_status_and_zeroes_success(world: tuple[Tracker, Metrics]) -> None:
     tracker, metrics = world
     observe(tracker, metrics, "ACTIVE", 1.0)
-    metrics.update(tracker.record_failure("k4q95w5", Result.TIMEOUT), state_changed=False)
+    metrics.update_polls(tracker.record_poll("k4q95w5", Result.TIMEOUT, 99.0))
     found = samples(metrics.render("")[0].decode())
     assert value(found, "baseten_loops_sampler_status", status="ACTIVE") == 1
     assert value(found, "loops_watcher_poll_success", run_id="k4q95w5") == 0
@@ -236,7 +237,7 @@ def test_cached_blocks_match_prometheus_client_formatting(world: tuple[Tracker, 
     for at, status in enumerate(["SCALED_TO_ZERO", "WAKING_UP", "ACTIVE", "FAILED", "ACTIVE"]):
         observe(tracker, metrics, status, float(at))
         observe(tracker, metrics, "BUILDING" if at < 2 else "DEPLOYING", float(at), id="7wq2m3x")
-    metrics.update(tracker.record_failure("7wq2m3x", Result.SERVER_ERROR), state_changed=False)
+    metrics.update_polls(tracker.record_poll("7wq2m3x", Result.SERVER_ERROR, 99.0))
     ours = samples(metrics.render("")[0].decode())
     registry = CollectorRegistry()
     registry.register(Reference(tracker))

@@ -10,7 +10,7 @@ from watcher.tracker import Changed, Observed, Tracker, Undocumented
 
 def test_first_sight_is_an_observation_not_a_transition() -> None:
     tracker = Tracker()
-    events, changed = tracker.record_success(make_run("SCALED_TO_ZERO"), 100.0)
+    events, changed = tracker.observe(make_run("SCALED_TO_ZERO"), 100.0)
     assert events == [Observed("k4q95w5", "smp1", "SCALED_TO_ZERO")]
     assert changed
     record = tracker.runs["k4q95w5"]
@@ -20,8 +20,8 @@ def test_first_sight_is_an_observation_not_a_transition() -> None:
 
 def test_unchanged_status_is_silent_and_keeps_since() -> None:
     tracker = Tracker()
-    tracker.record_success(make_run("ACTIVE"), 100.0)
-    events, changed = tracker.record_success(make_run("ACTIVE"), 130.0)
+    tracker.observe(make_run("ACTIVE"), 100.0)
+    events, changed = tracker.observe(make_run("ACTIVE"), 130.0)
     assert events == []
     assert not changed
     assert tracker.runs["k4q95w5"].since == 100.0
@@ -29,11 +29,11 @@ def test_unchanged_status_is_silent_and_keeps_since() -> None:
 
 def test_wake_up_durations_only_for_statuses_seen_to_begin() -> None:
     tracker = Tracker()
-    tracker.record_success(make_run("SCALED_TO_ZERO"), 100.0)
-    events, _ = tracker.record_success(make_run("WAKING_UP"), 130.0)
+    tracker.observe(make_run("SCALED_TO_ZERO"), 100.0)
+    events, _ = tracker.observe(make_run("WAKING_UP"), 130.0)
     # SCALED_TO_ZERO began before the watcher looked: its duration is unknown.
     assert events == [Changed("k4q95w5", "smp1", "SCALED_TO_ZERO", "WAKING_UP", None)]
-    events, _ = tracker.record_success(make_run("ACTIVE"), 175.0)
+    events, _ = tracker.observe(make_run("ACTIVE"), 175.0)
     assert events == [Changed("k4q95w5", "smp1", "WAKING_UP", "ACTIVE", 45.0)]
     record = tracker.runs["k4q95w5"]
     assert record.since == 175.0
@@ -42,9 +42,9 @@ def test_wake_up_durations_only_for_statuses_seen_to_begin() -> None:
 
 def test_repeated_pairs_count_up() -> None:
     tracker = Tracker()
-    tracker.record_success(make_run("ACTIVE"), 0.0)
+    tracker.observe(make_run("ACTIVE"), 0.0)
     for moment in range(1, 7):
-        tracker.record_success(make_run("UNHEALTHY" if moment % 2 else "ACTIVE"), float(moment))
+        tracker.observe(make_run("UNHEALTHY" if moment % 2 else "ACTIVE"), float(moment))
     assert tracker.runs["k4q95w5"].transitions == {
         ("ACTIVE", "UNHEALTHY"): 3,
         ("UNHEALTHY", "ACTIVE"): 3,
@@ -53,41 +53,42 @@ def test_repeated_pairs_count_up() -> None:
 
 def test_failed_poll_keeps_last_status_and_counts() -> None:
     tracker = Tracker()
-    tracker.record_success(make_run("ACTIVE"), 10.0)
-    record = tracker.record_failure("k4q95w5", Result.TIMEOUT)
-    record = tracker.record_failure("k4q95w5", Result.TIMEOUT)
+    tracker.observe(make_run("ACTIVE"), 10.0)
+    tracker.record_poll("k4q95w5", Result.OK, 10.0)
+    record = tracker.record_poll("k4q95w5", Result.TIMEOUT, 12.0)
+    record = tracker.record_poll("k4q95w5", Result.TIMEOUT, 14.0)
     assert record.status == "ACTIVE"
     assert record.since == 10.0
     assert record.last_success == 10.0
     assert record.consecutive_failures == 2
     assert record.polls == {"ok": 1, "timeout": 2}
-    tracker.record_success(make_run("ACTIVE"), 20.0)
+    tracker.record_poll("k4q95w5", Result.OK, 20.0)
     assert tracker.runs["k4q95w5"].consecutive_failures == 0
 
 
 def test_failure_before_any_success_has_no_status() -> None:
     tracker = Tracker()
-    record = tracker.record_failure("k4q95w5", Result.NOT_FOUND)
+    record = tracker.record_poll("k4q95w5", Result.NOT_FOUND, 1.0)
     assert record.run is None
     assert record.status is None
 
 
 def test_trainer_only_run_then_sampler_appears() -> None:
     tracker = Tracker()
-    events, _ = tracker.record_success(make_run(None), 0.0)
+    events, _ = tracker.observe(make_run(None), 0.0)
     assert events == [Observed("k4q95w5", None, None)]
     assert tracker.runs["k4q95w5"].since is None
-    events, _ = tracker.record_success(make_run("BUILDING"), 5.0)
+    events, _ = tracker.observe(make_run("BUILDING"), 5.0)
     assert events == [Observed("k4q95w5", "smp1", "BUILDING")]
-    events, _ = tracker.record_success(make_run("DEPLOYING"), 9.0)
+    events, _ = tracker.observe(make_run("DEPLOYING"), 9.0)
     # BUILDING began before it was first seen (the sampler appeared between polls).
     assert events == [Changed("k4q95w5", "smp1", "BUILDING", "DEPLOYING", None)]
 
 
 def test_sampler_disappearing_drops_status_without_transition() -> None:
     tracker = Tracker()
-    tracker.record_success(make_run("ACTIVE"), 0.0)
-    events, changed = tracker.record_success(make_run(None), 5.0)
+    tracker.observe(make_run("ACTIVE"), 0.0)
+    events, changed = tracker.observe(make_run(None), 5.0)
     assert events == []
     assert changed
     record = tracker.runs["k4q95w5"]
@@ -97,25 +98,25 @@ def test_sampler_disappearing_drops_status_without_transition() -> None:
 
 def test_undocumented_status_is_kept_and_reported_once() -> None:
     tracker = Tracker()
-    events, _ = tracker.record_success(make_run("HIBERNATING"), 0.0)
+    events, _ = tracker.observe(make_run("HIBERNATING"), 0.0)
     assert Undocumented("k4q95w5", "HIBERNATING") in events
     assert tracker.runs["k4q95w5"].status == "HIBERNATING"
-    events, _ = tracker.record_success(make_run("HIBERNATING", run_id="other"), 1.0)
+    events, _ = tracker.observe(make_run("HIBERNATING", run_id="other"), 1.0)
     assert not any(isinstance(event, Undocumented) for event in events)
 
 
 def test_identity_change_without_status_change_is_exported() -> None:
     tracker = Tracker()
-    tracker.record_success(make_run("ACTIVE"), 0.0)
-    events, changed = tracker.record_success(make_run("ACTIVE", name="renamed"), 5.0)
+    tracker.observe(make_run("ACTIVE"), 0.0)
+    events, changed = tracker.observe(make_run("ACTIVE", name="renamed"), 5.0)
     assert events == []
     assert changed
 
 
 def test_unwatch_forgets_everything() -> None:
     tracker = Tracker()
-    tracker.record_success(make_run("ACTIVE"), 0.0)
+    tracker.observe(make_run("ACTIVE"), 0.0)
     assert tracker.unwatch("k4q95w5") is not None
     assert "k4q95w5" not in tracker.runs
-    events, _ = tracker.record_success(make_run("FAILED"), 5.0)
+    events, _ = tracker.observe(make_run("FAILED"), 5.0)
     assert events == [Observed("k4q95w5", "smp1", "FAILED")]

@@ -18,6 +18,15 @@ pooled connection, polling each idle socket, whenever a request starts or ends
 a request (`make bench` measures both ways with bare httpx loops). A transport is lent to one
 request until its response is closed; the warmest is lent first, and transports are made only
 as concurrency calls for them, so there are never more than `max_concurrency`.
+
+Proxies: HTTP_PROXY, HTTPS_PROXY, ALL_PROXY and NO_PROXY are read the way any httpx client
+reads them (httpx's own table of URL patterns; a proxied pattern gets a stack of its own), and
+SSL_CERT_FILE/SSL_CERT_DIR through httpx's TLS context.
+
+Bodies: a run body is capped at `RUN_BODY_CAP`; a list body at a fixed ceiling that does not
+depend on how many runs are watched (a large org's list must be readable before its runs are),
+decoded as it arrives. Whatever a body holds, decoding and parsing it ends in an outcome:
+`invalid_response` for that poll, never an exception.
 """
 
 from __future__ import annotations
@@ -29,12 +38,13 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC
 from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import quote
 
 import httpx
+from httpx._utils import get_environment_proxies  # the table every httpx client builds
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -44,13 +54,12 @@ from tenacity import (
 )
 
 from watcher import __version__
-from watcher.model import InvalidRun, Run, parse_list_response, parse_run_response
+from watcher.model import InvalidRun, ListDecoder, Run, RunList, parse_run_response
 
 T = TypeVar("T")
 
 RUN_BODY_CAP = 1024 * 1024
-LIST_BODY_BASE = 4 * 1024 * 1024
-LIST_BODY_PER_RUN = 4 * 1024
+LIST_BODY_CAP = 64 * 1024 * 1024
 ERROR_BODY_CAP = 16 * 1024
 RETRY_AFTER_CAP = 60.0
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -78,6 +87,7 @@ class Attempt(Generic[T]):
     retryable: bool = False
     retry_after: float | None = None
     value: T | None = None
+    requested: float = 0.0  # time.monotonic() when the attempt was sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +100,7 @@ class Outcome(Generic[T]):
     attempts: int
     code: str
     retry_after: float | None = None
+    requested: float = 0.0  # when its last attempt was sent: orders answers that cross
 
 
 class ClientObserver(Protocol):
@@ -169,19 +180,36 @@ class BodyTooLarge(Exception):
     pass
 
 
-async def _read_capped(response: httpx.Response, cap: int) -> bytearray:
-    """Read a body up to `cap` bytes (decoded); refuse more without buffering it.
-
-    The buffer itself is returned, not a copy: a list of 10,000 runs is several MB."""
+async def _chunks_capped(response: httpx.Response, cap: int) -> AsyncIterator[bytes]:
+    """A body's chunks (decoded), refusing more than `cap` bytes without buffering them."""
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cap:
         raise BodyTooLarge(f"body of {declared} bytes exceeds the {cap}-byte cap")
-    body = bytearray()
+    size = 0
     async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) > cap:
+        size += len(chunk)
+        if size > cap:
             raise BodyTooLarge(f"body exceeds the {cap}-byte cap")
+        yield chunk
+
+
+async def _read_capped(response: httpx.Response, cap: int) -> bytearray:
+    """A whole body up to `cap` bytes; the buffer itself, not a copy."""
+    body = bytearray()
+    async for chunk in _chunks_capped(response, cap):
+        body += chunk
     return body
+
+
+async def _read_json(response: httpx.Response, cap: int) -> Any:
+    return json.loads(await _read_capped(response, cap))
+
+
+async def _read_list(response: httpx.Response, cap: int) -> RunList:
+    decoder = ListDecoder()
+    async for chunk in _chunks_capped(response, cap):
+        decoder.feed(chunk)
+    return decoder.finish()
 
 
 class _LentStream(httpx.AsyncByteStream):
@@ -210,9 +238,10 @@ class ConnectionStack(httpx.AsyncBaseTransport):
     flight at most, never waits for one, and lends the most recently used first.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, proxy: httpx.Proxy | None = None) -> None:
         # One TLS context for every connection: loading the CA bundle is slow and large.
         self._tls = httpx.create_ssl_context()
+        self._proxy = proxy
         self._limits = httpx.Limits(
             max_connections=1, max_keepalive_connections=1, keepalive_expiry=30.0
         )
@@ -226,7 +255,9 @@ class ConnectionStack(httpx.AsyncBaseTransport):
         if self._idle:
             transport = self._idle.pop()
         else:
-            transport = httpx.AsyncHTTPTransport(verify=self._tls, limits=self._limits)
+            transport = httpx.AsyncHTTPTransport(
+                verify=self._tls, limits=self._limits, proxy=self._proxy
+            )
             self._transports.append(transport)
         try:
             response = await transport.handle_async_request(request)
@@ -260,11 +291,20 @@ class LoopsClient:
         max_concurrency: int,
         max_requests_per_second: float,
         observer: ClientObserver,
+        list_body_cap: int = LIST_BODY_CAP,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         scheme = "Bearer" if auth_scheme == "bearer" else "Api-Key"
         self._api_url = api_url.rstrip("/")
+        self._host = httpx.URL(self._api_url).netloc.decode("ascii", "replace")
+        mounts: dict[str, httpx.AsyncBaseTransport | None] = {}
+        if transport is None:
+            transport = ConnectionStack()
+            mounts = {
+                pattern: None if proxy is None else ConnectionStack(httpx.Proxy(proxy))
+                for pattern, proxy in get_environment_proxies().items()
+            }
         headers = {
             "Authorization": f"{scheme} {api_key}",
             "Accept": "application/json",
@@ -274,9 +314,11 @@ class LoopsClient:
             headers=headers,
             timeout=httpx.Timeout(request_timeout),
             follow_redirects=False,
-            transport=ConnectionStack() if transport is None else transport,
+            transport=transport,
+            mounts=mounts,
         )
         self._timeout = request_timeout
+        self._list_body_cap = list_body_cap
         self._max_retries = max_retries
         self._slots = asyncio.Semaphore(max_concurrency)
         self._limiter = RateLimiter(max_requests_per_second)
@@ -288,30 +330,25 @@ class LoopsClient:
         await self._http.aclose()
 
     async def get_run(self, run_id: str) -> Outcome[Run]:
-        def parse(body: Any) -> Run:
-            run = parse_run_response(body)
+        async def read(response: httpx.Response) -> Run:
+            run = parse_run_response(await _read_json(response, RUN_BODY_CAP))
             if run.id != run_id:
                 raise InvalidRun(f"asked for run {run_id!r}, got {run.id[:80]!r}")
             return run
 
-        return await self._fetch(
-            f"/v1/loops/runs/{quote(run_id, safe='')}", {}, RUN_BODY_CAP, parse
-        )
+        return await self._fetch(f"/v1/loops/runs/{quote(run_id, safe='')}", {}, read)
 
-    async def list_runs(
-        self, *, scope: str | None, base_model: str | None, expected_runs: int
-    ) -> Outcome[list[Run]]:
+    async def list_runs(self, *, scope: str | None, base_model: str | None) -> Outcome[RunList]:
+        async def read(response: httpx.Response) -> RunList:
+            return await _read_list(response, self._list_body_cap)
+
         params = {"scope": scope, "base_model": base_model}
-        cap = LIST_BODY_BASE + LIST_BODY_PER_RUN * expected_runs
         return await self._fetch(
-            "/v1/loops/runs",
-            {key: value for key, value in params.items() if value},
-            cap,
-            parse_list_response,
+            "/v1/loops/runs", {key: value for key, value in params.items() if value}, read
         )
 
     async def _fetch(
-        self, path: str, params: dict[str, str], cap: int, parse: Callable[[Any], T]
+        self, path: str, params: dict[str, str], read: Callable[[httpx.Response], Awaitable[T]]
     ) -> Outcome[T]:
         # A fresh retrying object per call: tenacity keeps per-call statistics on it.
         retrying = AsyncRetrying(
@@ -322,7 +359,7 @@ class LoopsClient:
             retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
             sleep=self._sleep,
         )
-        final: Attempt[T] = await retrying(self._attempt, path, params, cap, parse)
+        final: Attempt[T] = await retrying(self._attempt, path, params, read)
         return Outcome(
             result=final.result,
             value=final.value,
@@ -330,6 +367,7 @@ class LoopsClient:
             attempts=retrying.statistics.get("attempt_number", 1),
             code=final.code,
             retry_after=final.retry_after,
+            requested=final.requested,
         )
 
     def _wait(self, state: RetryCallState) -> float:
@@ -348,7 +386,7 @@ class LoopsClient:
         )
 
     async def _attempt(
-        self, path: str, params: dict[str, str], cap: int, parse: Callable[[Any], T]
+        self, path: str, params: dict[str, str], read: Callable[[httpx.Response], Awaitable[T]]
     ) -> Attempt[T]:
         async with self._slots:
             await self._limiter.wait()
@@ -362,36 +400,43 @@ class LoopsClient:
                     response = await self._http.send(request, stream=True)
                     try:
                         code = str(response.status_code)
-                        return await self._classify(response, cap, parse)
+                        attempt = await self._classify(response, read)
                     finally:
                         await response.aclose()
+                return replace(attempt, requested=started)
             except (TimeoutError, httpx.TimeoutException):
                 return Attempt(
                     Result.TIMEOUT,
                     code,
-                    f"no complete response within {self._timeout:g} s",
+                    f"no complete response from {self._host} within {self._timeout:g} s",
                     retryable=True,
                 )
             except httpx.DecodingError as exc:
                 return Attempt(Result.INVALID_RESPONSE, code, f"undecodable body: {exc}")
             except httpx.TransportError as exc:
-                detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                return Attempt(Result.CONNECTION_ERROR, code, _printable(detail), retryable=True)
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                detail = _printable(f"cannot reach {self._host}: {reason}")
+                return Attempt(Result.CONNECTION_ERROR, code, detail, retryable=True)
             finally:
                 self._observer.attempt_finished(code, time.monotonic() - started)
 
     async def _classify(
-        self, response: httpx.Response, cap: int, parse: Callable[[Any], T]
+        self, response: httpx.Response, read: Callable[[httpx.Response], Awaitable[T]]
     ) -> Attempt[T]:
         status = response.status_code
         code = str(status)
         if status == 200:
             try:
-                value = parse(json.loads(await _read_capped(response, cap)))
+                value = await read(response)
             except BodyTooLarge as exc:
                 return Attempt(Result.INVALID_RESPONSE, code, str(exc))
-            except ValueError as exc:  # JSON errors and InvalidRun both land here
-                return Attempt(Result.INVALID_RESPONSE, code, _printable(f"bad body: {exc}"))
+            except httpx.HTTPError:
+                raise  # the transport failed while the body came in: classified by the caller
+            except Exception as exc:
+                # Whatever a body can make a decoder or parser raise (bad JSON, a missing field,
+                # nesting deep enough for RecursionError) is this poll's invalid_response.
+                reason = str(exc) or type(exc).__name__
+                return Attempt(Result.INVALID_RESPONSE, code, _printable(f"bad body: {reason}"))
             return Attempt(Result.OK, code, value=value)
 
         retry_after = parse_retry_after(response.headers.get("retry-after"), time.time())

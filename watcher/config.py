@@ -102,6 +102,7 @@ class Settings(BaseModel):
     max_requests_per_second: float = Field(default=20.0, gt=0, le=100_000)
     total_shards: int = Field(default=1, ge=1, le=1000)
     shard: Annotated[int, BeforeValidator(_shard_number)] = 0  # `auto` is resolved before
+    max_list_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024, le=2**32)
     listen_address: str = "0.0.0.0:9877"
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -169,6 +170,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_requests_per_second", "float", "global cap on requests to the API (20)", "R"),
     Option("total_shards", "int", "split the runs among N watchers by their ID's hash (1)", "N"),
     Option("shard", "str", "this watcher's shard: 0 to N-1, or auto (hostname's ordinal)", "I"),
+    Option("max_list_body_bytes", "int", "largest list response read, in bytes (64 MiB)", "N"),
     Option("listen_address", "str", "where /metrics is served (0.0.0.0:9877)", "HOST:PORT"),
     Option("log_format", "str", "json unless stdout is a terminal", choices=("json", "console")),
     Option("log_level", "str", "minimum log level", choices=("debug", "info", "warning", "error")),

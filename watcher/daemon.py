@@ -22,10 +22,18 @@ from prometheus_client import CollectorRegistry
 
 from watcher import __version__
 from watcher.api import RETRY_AFTER_CAP, LoopsClient, Outcome, Result
-from watcher.config import ConfigError, Settings, read_run_ids_file, redacted
+from watcher.config import ConfigError, Settings, check_run_id, read_run_ids_file, redacted
 from watcher.logs import LEVELS, get_logger
 from watcher.metrics import Metrics
-from watcher.model import Run, StatusClass, status_class
+from watcher.model import (
+    InvalidRun,
+    Run,
+    RunList,
+    StatusClass,
+    bounded_status,
+    clean_text,
+    status_class,
+)
 from watcher.scheduler import Cadence, Scheduler
 from watcher.server import Server
 from watcher.sharding import Shard
@@ -41,6 +49,10 @@ LIST_MODE_MIN_RUNS = 10
 LIST_COVER = 2.5
 # A discovered run missing from this many successful lists in a row stops being watched.
 DISCOVERY_MISSES = 2
+# Discovery that has failed this many lists in a row is reported as failing (metric, error log).
+DISCOVERY_FAILING_AFTER = 3
+# Skipped list entries are warned about once each; this many are remembered for that.
+SKIPPED_REMEMBERED = 1000
 FIRST_LIST = "(list request)"
 
 _CHANGE_LEVEL = {
@@ -87,7 +99,9 @@ class Watcher:
         self.log = get_logger()
         self.tracker = Tracker()
         self.shard = Shard(settings.shard, settings.total_shards)
-        self.metrics = Metrics(registry, __version__, self.shard)
+        self.metrics = Metrics(
+            registry, __version__, self.shard, discovery=settings.discover is not None
+        )
         self.client = LoopsClient(
             api_url=settings.api_url,
             api_key=settings.api_key.get_secret_value() if settings.api_key else "",
@@ -96,6 +110,7 @@ class Watcher:
             max_retries=settings.max_retries,
             max_concurrency=settings.max_concurrency,
             max_requests_per_second=settings.max_requests_per_second,
+            list_body_cap=settings.max_list_body_bytes,
             observer=self,
         )
         self.scheduler = Scheduler(
@@ -112,6 +127,8 @@ class Watcher:
         self._discovered: dict[str, int] = {}  # run_id -> successive lists it was missing from
         self._configured = tuple(filter(self.shard.owns, settings.run_id))
         self._file_ids: tuple[str, ...] = ()  # this shard's share of the file
+        self._skipped_entries: dict[str, None] = {}  # list entries already warned about
+        self._unexported: set[str] = set()  # runs whose last observation could not be rendered
         self._file_stamp: FileStamp | None = None
         # Longest a healthy poll can take: every attempt at its deadline plus capped waits.
         self._poll_limit = (settings.request_timeout + RETRY_AFTER_CAP) * (
@@ -130,6 +147,7 @@ class Watcher:
             self.tracker.unwatch(run_id)
             self.metrics.forget(run_id)
             self._awaiting_first_poll.discard(run_id)
+            self._unexported.discard(run_id)
             self.log.info("run_unwatched", run_id=run_id)
         for run_id in self.scheduler.add_many(desired, spread=spread, after=after):
             self.tracker.watch(run_id)
@@ -180,8 +198,6 @@ class Watcher:
         outcome = await self.client.list_runs(
             scope="org" if discover in (None, "org") else None,
             base_model=self.settings.discover_base_model if discover else None,
-            # The list holds every shard's runs, not only this one's.
-            expected_runs=len(self.tracker.runs) * self.shard.total,
         )
         self._awaiting_first_poll.discard(FIRST_LIST)
         self._key_verdict(outcome)
@@ -192,16 +208,24 @@ class Watcher:
         if self._list_failures:
             self.log.info("list_recovered", failed_lists=self._list_failures)
         self._list_failures = 0
-        # Every shard lists every run and keeps its own share.
-        listed = {run.id: run for run in outcome.value if self.shard.owns(run.id)}
+        if self.metrics.discovery_failing is not None:
+            self.metrics.discovery_failing.set(0)
+        listed = self._listed(outcome.value)
         if discover:
             self._update_discovered(listed)
         now = self.clock()
-        for run_id, run in listed.items():
+        for run_id, entry in listed.items():
             if run_id not in self.tracker.runs:
                 continue
             self._awaiting_first_poll.discard(run_id)
-            fast = self._record_success(run, now).fast
+            if isinstance(entry, InvalidRun):
+                # Only this run's entry is bad: it fails alone and keeps its own poll schedule.
+                failed: Outcome[Run] = Outcome(
+                    Result.INVALID_RESPONSE, None, str(entry), 1, outcome.code
+                )
+                self._record_failure(run_id, failed)
+                continue
+            fast = self._record_success(entry, now, outcome.requested).fast
             self.scheduler.reschedule(
                 run_id,
                 self.settings.fast_poll_interval
@@ -209,7 +233,33 @@ class Watcher:
                 else self.settings.poll_interval * LIST_COVER,
             )
 
-    def _update_discovered(self, listed: dict[str, Run]) -> None:
+    def _listed(self, runs: RunList) -> dict[str, Run | InvalidRun]:
+        """This shard's listed runs by ID; entries without a valid run ID are skipped, warned
+        once. Every shard lists every run and keeps its own share."""
+        listed: dict[str, Run | InvalidRun] = {}
+        entries: list[Run | InvalidRun] = [*runs.invalid, *runs.runs]
+        for entry in entries:
+            run_id = entry.id if isinstance(entry, Run) else entry.run_id
+            try:
+                check_run_id(run_id or "")
+            except ValueError as exc:
+                self._skip_entry(run_id, str(exc) if run_id else str(entry))
+                continue
+            if run_id and self.shard.owns(run_id):
+                listed[run_id] = entry
+        return listed
+
+    def _skip_entry(self, run_id: str | None, reason: str) -> None:
+        key = reason if run_id is None else run_id
+        if key in self._skipped_entries:
+            return
+        if len(self._skipped_entries) >= SKIPPED_REMEMBERED:
+            del self._skipped_entries[next(iter(self._skipped_entries))]
+        self._skipped_entries[key] = None
+        shown = None if run_id is None else clean_text(run_id)
+        self.log.warning("list_entry_skipped", run_id=shown, reason=reason)
+
+    def _update_discovered(self, listed: dict[str, Run | InvalidRun]) -> None:
         for run_id in listed:
             self._discovered[run_id] = 0
         for run_id in [r for r in self._discovered if r not in listed]:
@@ -218,8 +268,18 @@ class Watcher:
                 del self._discovered[run_id]
         self.sync_runs(self.desired_runs(), spread=self.settings.fast_poll_interval)
 
-    def _list_failed(self, outcome: Outcome[list[Run]]) -> None:
+    def _list_failed(self, outcome: Outcome[RunList]) -> None:
         self._list_failures += 1
+        if self._list_failures == DISCOVERY_FAILING_AFTER and self.metrics.discovery_failing:
+            self.metrics.discovery_failing.set(1)
+            self.log.error(
+                "discovery_failing",
+                result=str(outcome.result),
+                detail=outcome.detail,
+                http_status=outcome.code,
+                failed_lists=self._list_failures,
+                note="runs that start or end are not noticed until a list answers again",
+            )
         if self._list_failures == 1:
             self.log.warning(
                 "list_failed",
@@ -255,29 +315,40 @@ class Watcher:
             return Cadence(fast=False)  # unwatched while the request was in flight
         if outcome.result is Result.OK:
             assert outcome.value is not None
-            cadence = self._record_success(outcome.value, now)
+            cadence = self._record_success(outcome.value, now, outcome.requested)
         else:
             cadence = self._record_failure(run_id, outcome)
         self._key_verdict(outcome, run_id)
         return cadence
 
-    def _record_success(self, run: Run, now: float) -> Cadence:
-        previous = self.tracker.runs[run.id]
-        had_failures = previous.consecutive_failures
-        events, changed = self.tracker.record_success(run, now)
+    def _record_success(self, run: Run, now: float, requested: float) -> Cadence:
+        record = self.tracker.runs[run.id]
+        had_failures = record.consecutive_failures
+        events, changed = self.tracker.observe(run, now, requested=requested)
         for event in events:
             self._emit(event, run)
-        record = self.tracker.runs[run.id]
-        self.metrics.update(record, state_changed=changed)
+        if changed or run.id in self._unexported:
+            try:
+                self.metrics.update_state(record)
+            except Exception as exc:
+                # Observed but not exportable: a bad body, never a poll_success of 1.
+                self._unexported.add(run.id)
+                detail = f"cannot export the run: {type(exc).__name__}: {exc}"
+                return self._record_failure(
+                    run.id, Outcome(Result.INVALID_RESPONSE, None, detail[:200], 1, "200")
+                )
+            self._unexported.discard(run.id)
+        self.tracker.record_poll(run.id, Result.OK, now)
+        self.metrics.update_polls(record)
         if had_failures:
             self.log.info("poll_recovered", run_id=run.id, failed_polls=had_failures)
         status = record.status
         return Cadence(fast=status is not None and status_class(status) is StatusClass.TRANSITIONAL)
 
-    def _record_failure(self, run_id: str, outcome: Outcome[Run]) -> Cadence:
+    def _record_failure(self, run_id: str, outcome: Outcome[Any]) -> Cadence:
         previous_result = self.tracker.runs[run_id].last_result
-        record = self.tracker.record_failure(run_id, outcome.result)
-        self.metrics.update(record, state_changed=False)
+        record = self.tracker.record_poll(run_id, outcome.result, self.clock())
+        self.metrics.update_polls(record)
         # Warn when a streak of failures starts or changes kind; repeats go to debug.
         level = "warning" if previous_result != outcome.result else "debug"
         self.log.log(
@@ -334,7 +405,9 @@ class Watcher:
         elif isinstance(event, Changed):
             seconds = event.seconds_in_previous_status
             if seconds is not None:
-                self.metrics.status_duration.labels(event.from_status).observe(seconds)
+                self.metrics.status_duration.labels(bounded_status(event.from_status)).observe(
+                    seconds
+                )
             self.log.log(
                 LEVELS[change_level(event.to_status)],
                 "sampler_status_changed",

@@ -199,7 +199,9 @@ def _encoded(blocks: tuple[str, ...]) -> tuple[bytes, ...]:
 class Metrics:
     """All series the watcher exports, and their rendering for one scrape."""
 
-    def __init__(self, registry: CollectorRegistry, version: str, shard: Shard) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, version: str, shard: Shard, *, discovery: bool = False
+    ) -> None:
         self.registry = registry
         self._state: dict[str, tuple[bytes, ...]] = {}
         self._polls: dict[str, tuple[bytes, ...]] = {}
@@ -251,6 +253,15 @@ class Metrics:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
+        self.discovery_failing = (
+            Gauge(
+                "loops_watcher_discovery_failing",
+                "1 while the list requests that discover runs keep failing, else 0.",
+                registry=registry,
+            )
+            if discovery
+            else None
+        )
 
     def watch(self, run_id: str) -> None:
         self._state.setdefault(run_id, (b"",) * len(STATE_FAMILIES))
@@ -260,12 +271,14 @@ class Metrics:
         self._state.pop(run_id, None)
         self._polls.pop(run_id, None)
 
-    def update(self, record: RunRecord, *, state_changed: bool) -> None:
-        if record.run_id not in self._polls:
-            return  # stopped being watched while its poll was in flight
-        if state_changed:
+    def update_state(self, record: RunRecord) -> None:
+        """Render a run's observed state; raises, changing nothing, if it cannot be rendered."""
+        if record.run_id in self._state:  # else unwatched while its poll was in flight
             self._state[record.run_id] = _encoded(render_state(record))
-        self._polls[record.run_id] = _encoded(render_polls(record))
+
+    def update_polls(self, record: RunRecord) -> None:
+        if record.run_id in self._polls:
+            self._polls[record.run_id] = _encoded(render_polls(record))
 
     def render(self, accept: str) -> tuple[bytes, str]:
         """The whole exposition in the format the Accept header asks for, as one body."""

@@ -3,11 +3,19 @@
 Parsing is deliberately tolerant of schema drift: only the fields present in every published
 version of the API are required, newer fields are used when present, unknown fields are
 ignored and an undocumented status value is kept as it is.
+
+Every string kept from a body is made safe to export once, here: a lone surrogate (which JSON
+escapes can carry but UTF-8 cannot encode) becomes U+FFFD, and a value longer than
+`MAX_TEXT` characters is cut there, so a 1 MB run name costs neither a label nor a log line
+more than that.
 """
 
 from __future__ import annotations
 
+import codecs
 import enum
+import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,6 +38,10 @@ SAMPLER_STATUSES: tuple[str, ...] = (
     "WAKING_UP",
 )
 RUN_STATUSES: tuple[str, ...] = ("ACTIVE", "INACTIVE")
+# Where an undocumented status would add series without bound, it is counted under this name.
+OTHER = "other"
+MAX_TEXT = 256
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 class StatusClass(enum.Enum):
@@ -70,8 +82,26 @@ def is_documented(status: str) -> bool:
     return status in _CLASSES
 
 
+def bounded_status(status: str) -> str:
+    """A status as a label of series that outlive runs: documented, or `other`."""
+    return status if status in _CLASSES else OTHER
+
+
+def clean_text(text: str) -> str:
+    """`text` with lone surrogates replaced and its length capped at MAX_TEXT characters."""
+    if not text.isascii():
+        text = _SURROGATES.sub("\ufffd", text)
+    if len(text) > MAX_TEXT:
+        text = text[: MAX_TEXT - 1] + "\u2026"
+    return text
+
+
 class InvalidRun(ValueError):
-    """A response body that does not hold a usable run."""
+    """A response body that does not hold a usable run; `run_id` when the body names one."""
+
+    def __init__(self, message: str, run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,30 +132,36 @@ def _field(obj: dict[str, Any], key: str, where: str) -> str:
     value = obj.get(key)
     if not isinstance(value, str):
         raise InvalidRun(f"{where}.{key} is {'missing' if value is None else 'not a string'}")
-    return value
+    return clean_text(value)
+
+
+def _nullable(obj: dict[str, Any], key: str, where: str) -> str:
+    """A key every version sends whose value may be null (a serverless sampler's IDs)."""
+    if obj.get(key) is None and key in obj:
+        return ""
+    return _field(obj, key, where)
 
 
 def _optional_str(obj: dict[str, Any], key: str) -> str | None:
     value = obj.get(key)
-    return value if isinstance(value, str) else None
+    return clean_text(value) if isinstance(value, str) else None
 
 
 def _status_name(obj: dict[str, Any], where: str) -> str:
     status = obj.get("status")
     if not isinstance(status, dict):
         raise InvalidRun(f"{where}.status is missing")
-    name = status.get("name")
-    if not isinstance(name, str) or not name:
-        raise InvalidRun(f"{where}.status.name is missing")
-    return name
+    # An empty name is a value like any other the schema does not list: kept, not refused.
+    return _field(status, "name", f"{where}.status")
 
 
 def _timestamp(obj: dict[str, Any], key: str, where: str) -> float:
     text = _field(obj, key, where)
     try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        # RFC 3339 allows a lowercase `t` and `z`, which fromisoformat does not.
+        moment = datetime.fromisoformat(text.upper())
     except ValueError as exc:
-        raise InvalidRun(f"{where}.{key} is not an ISO 8601 time: {text[:40]!r}") from exc
+        raise InvalidRun(f"{where}.{key} is not an RFC 3339 time: {text[:40]!r}") from exc
     if moment.tzinfo is None:
         raise InvalidRun(f"{where}.{key} has no time zone: {text[:40]!r}")
     return moment.timestamp()
@@ -139,8 +175,8 @@ def parse_sampler(obj: Any) -> Sampler:
     return Sampler(
         id=_field(obj, "id", "sampler"),
         status=_status_name(obj, "sampler"),
-        model_id=_field(obj, "model_id", "sampler"),
-        deployment_id=_field(obj, "deployment_id", "sampler"),
+        model_id=_nullable(obj, "model_id", "sampler"),
+        deployment_id=_nullable(obj, "deployment_id", "sampler"),
         base_model=_field(obj, "base_model", "sampler"),
         instance_type=_optional_str(instance, "name") if isinstance(instance, dict) else None,
         node_count=node_count if isinstance(node_count, int) else None,
@@ -175,8 +211,129 @@ def parse_run_response(body: Any) -> Run:
     return parse_run(body["run"])
 
 
-def parse_list_response(body: Any) -> list[Run]:
-    """`GET /v1/loops/runs` -> `{"runs": [LoopsRunV1, ...]}`; one bad entry fails the list."""
-    if not isinstance(body, dict) or not isinstance(body.get("runs"), list):
-        raise InvalidRun("body has no 'runs' list")
-    return [parse_run(item) for item in body["runs"]]
+@dataclass(frozen=True, slots=True)
+class RunList:
+    """A list response: its usable runs, and the entries that were not (naming their run
+    when they have an ID), each of which fails only its own run."""
+
+    runs: list[Run]
+    invalid: list[InvalidRun]
+
+
+def parse_list_entry(obj: Any) -> Run:
+    try:
+        return parse_run(obj)
+    except Exception as exc:
+        run_id = obj.get("id") if isinstance(obj, dict) else None
+        raise InvalidRun(
+            f"list entry: {exc}", clean_text(run_id) if isinstance(run_id, str) else None
+        ) from None
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+class ListDecoder:
+    """`GET /v1/loops/runs` -> `{"runs": [LoopsRunV1, ...]}`, decoded as the body arrives.
+
+    Each entry becomes a `Run` as soon as its text is complete and the text is dropped, so the
+    peak is the parsed runs plus one entry, not the body and its whole object tree (tens of MB
+    of text for a large org make several hundred MB of dicts). The object's own structure is
+    walked here and every value is decoded by the stdlib decoder: ijson would stream too, but
+    its C backend refuses a whole body for one lone surrogate escape, and a deeply nested body
+    makes it build ever longer prefixes until memory runs out.
+    """
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
+        self._json = json.JSONDecoder()
+        self._text = ""
+        self._pos = 0
+        # An incomplete value is retried once the unread text has doubled: linear, not square.
+        self._retry_at = 0
+        self._state = "open"
+        self._key = ""
+        self._saw_runs = False
+        self._runs: list[Run] = []
+        self._invalid: list[InvalidRun] = []
+
+    def feed(self, data: bytes) -> None:
+        self._text = self._text[self._pos :] + self._utf8.decode(data)
+        self._pos = 0
+        if len(self._text) >= self._retry_at:
+            self._advance(final=False)
+
+    def finish(self) -> RunList:
+        """The result once the whole body was fed; raises InvalidRun for a broken body."""
+        self._text = self._text[self._pos :] + self._utf8.decode(b"", final=True)
+        self._pos = 0
+        self._advance(final=True)
+        if self._state != "done" or self._text[self._pos :].strip(" \t\n\r"):
+            raise InvalidRun(f"body is not one JSON object (stopped at {self._state})")
+        if not self._saw_runs:
+            raise InvalidRun("body has no 'runs' list")
+        return RunList(self._runs, self._invalid)
+
+    def _advance(self, *, final: bool) -> None:
+        text = self._text
+        while self._state != "done":
+            self._pos = _WHITESPACE.match(text, self._pos).end()  # type: ignore[union-attr]
+            if self._pos == len(text):
+                return
+            char = text[self._pos]
+            state = self._state
+            if state in ("open", "comma_or_close") or (state == "key" and char != '"'):
+                expected = {"open": "{", "comma_or_close": ",}", "key": "}"}[state]
+                if char not in expected:
+                    raise InvalidRun(f"body is not a JSON object with a 'runs' list at {char!r}")
+                self._pos += 1
+                self._state = "done" if char == "}" else "key"
+            elif state == "colon":
+                if char != ":":
+                    raise InvalidRun(f"expected ':' after key {self._key[:40]!r}")
+                self._pos += 1
+                self._state = "value"
+            elif state == "value" and self._key == "runs":
+                if char != "[" or self._saw_runs:
+                    raise InvalidRun("body's 'runs' is not one list")
+                self._saw_runs = True
+                self._pos += 1
+                self._state = "first_entry"
+            elif state in ("first_entry", "entry_end") and char == "]":
+                self._pos += 1
+                self._state = "comma_or_close"
+            elif state == "entry_end":
+                if char != ",":
+                    raise InvalidRun(f"expected ',' or ']' between list entries at {char!r}")
+                self._pos += 1
+                self._state = "entry"
+            elif not self._decode_value(final=final):  # a key, a value to skip, or an entry
+                return
+
+    def _decode_value(self, *, final: bool) -> bool:
+        """Decode the value at the cursor; False if its text has not fully arrived yet."""
+        try:
+            value, end = self._json.raw_decode(self._text, self._pos)
+        except json.JSONDecodeError:
+            if final:
+                raise
+            self._retry_at = 2 * (len(self._text) - self._pos)
+            self._text = self._text[self._pos :]
+            self._pos = 0
+            return False
+        if end == len(self._text) and type(value) in (int, float) and not final:
+            return False  # a number cut by the end of a chunk looks complete: wait for more
+        self._pos = end
+        self._retry_at = 0
+        if self._state == "key":
+            self._key = value
+            self._state = "colon"
+        elif self._state == "value":
+            self._state = "comma_or_close"
+        else:
+            try:
+                self._runs.append(parse_list_entry(value))
+            except InvalidRun as exc:
+                self._invalid.append(exc)
+            self._state = "entry_end"
+        return True

@@ -4,6 +4,11 @@ The tracker does no I/O and reads no clock: callers pass each observation with t
 made and get back the events it caused. A transition is a change of sampler status between two
 successful polls of the same run; the first sight of a run is an observation, not a transition.
 How long a status lasted is only known when the watcher saw that status begin.
+
+Answers can arrive out of order (a slow list response after a quicker per-run poll), so an
+observation is applied only if it was requested after the last one applied for that run.
+Whatever the API reports, a run's series stay bounded: the transitions counter names at most
+`UNDOCUMENTED_PER_RUN` undocumented statuses of a run and counts the rest as `other`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from watcher.api import Result
-from watcher.model import Run, is_documented
+from watcher.model import OTHER, Run, is_documented
+
+UNDOCUMENTED_PER_RUN = 3
+# Undocumented values remembered for warning once each; past this the oldest are forgotten.
+UNDOCUMENTED_REMEMBERED = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +62,9 @@ class RunRecord:
     status: str | None = None
     since: float | None = None
     saw_status_begin: bool = False
+    applied_request: float = float("-inf")  # when the last applied observation was requested
     transitions: Counter[tuple[str, str]] = field(default_factory=Counter)
+    undocumented: set[str] = field(default_factory=set)  # named in `transitions`
     polls: Counter[str] = field(default_factory=Counter)
     last_result: Result | None = None
     last_success: float | None = None
@@ -63,7 +74,7 @@ class RunRecord:
 class Tracker:
     def __init__(self) -> None:
         self.runs: dict[str, RunRecord] = {}
-        self._undocumented_seen: set[str] = set()
+        self._undocumented_seen: dict[str, None] = {}
 
     def watch(self, run_id: str) -> RunRecord:
         record = self.runs.get(run_id)
@@ -74,13 +85,15 @@ class Tracker:
     def unwatch(self, run_id: str) -> RunRecord | None:
         return self.runs.pop(run_id, None)
 
-    def record_success(self, run: Run, now: float) -> tuple[list[Event], bool]:
-        """Apply a good observation; return its events and whether the exported state changed."""
+    def observe(
+        self, run: Run, now: float, *, requested: float = float("-inf")
+    ) -> tuple[list[Event], bool]:
+        """Apply a good observation made at `now` of a request sent at `requested` (any clock
+        that orders requests); return its events and whether the exported state changed."""
         record = self.watch(run.id)
-        record.polls[Result.OK] += 1
-        record.last_result = Result.OK
-        record.last_success = now
-        record.consecutive_failures = 0
+        if requested < record.applied_request:
+            return [], False  # older than what is already known: would move the run back
+        record.applied_request = requested
 
         events: list[Event] = []
         status = run.sampler.status if run.sampler else None
@@ -98,24 +111,37 @@ class Tracker:
                 assert record.since is not None
                 seconds = now - record.since if record.saw_status_begin else None
                 events.append(Changed(run.id, sampler_id, record.status, status, seconds))
-                record.transitions[(record.status, status)] += 1
+                pair = (_transition_label(record, record.status), _transition_label(record, status))
+                record.transitions[pair] += 1
                 record.since = now
                 record.saw_status_begin = True
-        if (
-            status is not None
-            and not is_documented(status)
-            and status not in self._undocumented_seen
-        ):
-            self._undocumented_seen.add(status)
-            events.append(Undocumented(run.id, status))
+        if status is not None and not is_documented(status):
+            if status not in self._undocumented_seen:
+                events.append(Undocumented(run.id, status))
+                if len(self._undocumented_seen) >= UNDOCUMENTED_REMEMBERED:
+                    del self._undocumented_seen[next(iter(self._undocumented_seen))]
+            self._undocumented_seen[status] = None
         record.run = run
         record.status = status
         return events, changed
 
-    def record_failure(self, run_id: str, result: Result) -> RunRecord:
-        """A failed poll keeps the last known status; only the poll bookkeeping moves."""
+    def record_poll(self, run_id: str, result: Result, now: float) -> RunRecord:
+        """Count one poll; a failed one keeps the last known status."""
         record = self.watch(run_id)
         record.polls[result] += 1
         record.last_result = result
-        record.consecutive_failures += 1
+        if result is Result.OK:
+            record.last_success = now
+            record.consecutive_failures = 0
+        else:
+            record.consecutive_failures += 1
         return record
+
+
+def _transition_label(record: RunRecord, status: str) -> str:
+    if is_documented(status) or status in record.undocumented:
+        return status
+    if len(record.undocumented) < UNDOCUMENTED_PER_RUN:
+        record.undocumented.add(status)
+        return status
+    return OTHER

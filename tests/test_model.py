@@ -1,0 +1,198 @@
+"""The wire format: what a hostile or newer API body turns into, and the streamed list decoder."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from typing import Any
+
+import pytest
+from factories import mutate
+
+from watcher.model import (
+    MAX_TEXT,
+    InvalidRun,
+    ListDecoder,
+    RunList,
+    clean_text,
+    parse_run,
+    parse_run_response,
+)
+
+
+def run_json(run_id: str = "k4q95w5", status: str = "ACTIVE", **changes: Any) -> dict[str, Any]:
+    run: dict[str, Any] = {
+        "id": run_id,
+        "session_id": "s1",
+        "base_model": "Qwen/Qwen3-8B",
+        "base_url": "https://example.invalid/run",
+        "created_at": "2026-11-01T10:00:00Z",
+        "name": "sft",
+        "sampler": {
+            "id": "smp1",
+            "base_url": "https://example.invalid/sampler",
+            "base_model": "Qwen/Qwen3-8B",
+            "created_at": "2026-11-01T10:00:00Z",
+            "model_id": "m1",
+            "deployment_id": "d1",
+            "status": {"name": status},
+        },
+    }
+    run.update(changes)
+    return run
+
+
+def decode(body: bytes, chunk: int | None = None) -> RunList:
+    decoder = ListDecoder()
+    step = chunk or max(len(body), 1)
+    for start in range(0, len(body), step):
+        decoder.feed(body[start : start + step])
+    return decoder.finish()
+
+
+def test_serverless_sampler_ids_are_null() -> None:
+    body = run_json()
+    body["sampler"].update(model_id=None, deployment_id=None)
+    sampler = parse_run(body).sampler
+    assert sampler is not None
+    assert (sampler.model_id, sampler.deployment_id) == ("", "")
+
+
+def test_sampler_without_its_id_keys_is_still_invalid() -> None:
+    body = run_json()
+    del body["sampler"]["model_id"]
+    with pytest.raises(InvalidRun, match="model_id is missing"):
+        parse_run(body)
+
+
+def test_empty_status_name_is_a_status_like_any_undocumented_one() -> None:
+    sampler = parse_run(run_json(status="")).sampler
+    assert sampler is not None
+    assert sampler.status == ""
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["2026-11-01t10:00:00z", "2026-11-01T10:00:00z", "2026-11-01t10:00:00.5+00:00"],
+)
+def test_rfc3339_lowercase_t_and_z(text: str) -> None:
+    assert parse_run(run_json(created_at=text)).created_at == pytest.approx(1_793_527_200, abs=1)
+
+
+@pytest.mark.parametrize("text", ["2026-11-01T10:00:00", "yesterday", "2026-13-01T00:00:00Z"])
+def test_bad_times_are_invalid(text: str) -> None:
+    with pytest.raises(InvalidRun, match="created_at"):
+        parse_run(run_json(created_at=text))
+
+
+def test_lone_surrogate_becomes_the_replacement_character() -> None:
+    # json.loads turns the escape into a str that UTF-8 cannot encode: the crash of old.
+    body = json.loads('{"run": ' + json.dumps(run_json(name="a\udc80b")) + "}")
+    run = parse_run_response(body)
+    assert run.name == "a\ufffdb"
+    run.name.encode()
+
+
+def test_long_text_is_capped() -> None:
+    run = parse_run(run_json(name="n" * 1_000_000))
+    assert len(run.name) == MAX_TEXT
+    assert run.name.endswith("\u2026")
+    assert clean_text("short") == "short"
+
+
+def list_body(*runs: Any, **extra: Any) -> bytes:
+    return json.dumps({**extra, "runs": list(runs)}).encode()
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2, 3, 7, 64])
+def test_streamed_list_matches_whole_decode_at_every_chunk_size(chunk: int | None) -> None:
+    runs = [run_json(f"r{i}", name=f"caf\u00e9 \U0001f600 {i}") for i in range(5)]
+    body = list_body(*runs, total=12345, next=None, meta={"a": [1, {"b": "]}"}]})
+    result = decode(body, chunk)
+    assert [run.id for run in result.runs] == [f"r{i}" for i in range(5)]
+    assert result.runs == [parse_run(run) for run in runs]
+    assert result.invalid == []
+
+
+def test_one_bad_entry_fails_only_itself() -> None:
+    bad = run_json("b2")
+    del bad["session_id"]
+    result = decode(list_body(run_json("a1"), bad, run_json("c3"), {"id": 42}), 10)
+    assert [run.id for run in result.runs] == ["a1", "c3"]
+    assert [(entry.run_id, "session_id" in str(entry)) for entry in result.invalid] == [
+        ("b2", True),
+        (None, False),
+    ]
+
+
+def test_empty_list_is_a_list() -> None:
+    assert decode(b' {"runs" : [ ] } \n') == RunList([], [])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"[]",
+        b"{}",
+        b'{"runs": 5}',
+        b'{"runs": [] } x',
+        b'{"runs": [{"id": "a"}',
+        b'{"runs": [], "runs": []}',
+        b'{"runs": [1 2]}',
+        b'{"runs": [],}x',
+        b"<html>",
+        b"[" * 200_000 + b"]" * 200_000,
+        b'{"runs": [' + b"[" * 200_000 + b"]" * 200_000 + b"]}",
+    ],
+)
+def test_broken_list_bodies_are_invalid(body: bytes) -> None:
+    with pytest.raises((InvalidRun, ValueError, RecursionError)):
+        decode(body, 4096)
+
+
+def test_a_large_single_entry_is_decoded_in_linear_time() -> None:
+    huge = run_json("a1", name="x" * 4_000_000)
+    result = decode(list_body(huge), 1024)  # 4,000 chunks: a square retry would take minutes
+    assert len(result.runs[0].name) == MAX_TEXT
+
+
+def structurally_mutated(rng: random.Random) -> dict[str, Any]:
+    body = {"runs": [run_json(f"r{i}") for i in range(3)]}
+    victim = copy.deepcopy(body)
+    values: list[Any] = [
+        None, 0, -1, 1.5, True, "", "\udc80", [], {}, "x" * 300, {"name": None}, [[[]]],
+    ]  # fmt: skip
+    for _ in range(rng.randint(1, 3)):
+        node: Any = victim
+        while isinstance(node, dict | list) and node and rng.random() < 0.8:
+            key = rng.choice(list(node)) if isinstance(node, dict) else rng.randrange(len(node))
+            if not isinstance(node[key], dict | list) or rng.random() < 0.3:
+                node[key] = copy.deepcopy(rng.choice(values))
+                break
+            node = node[key]
+    return victim
+
+
+def test_fuzzed_bodies_only_ever_raise_invalid() -> None:
+    """A seeded mutation loop: byte-level and structural damage to valid bodies."""
+    rng = random.Random(8)
+    valid = list_body(*(run_json(f"r{i}", name="n\u00e9") for i in range(3)))
+    for _ in range(3000):
+        body = mutate(valid, rng)
+        try:
+            result = decode(body, rng.choice([None, 1, 5, 64]))
+        except (InvalidRun, ValueError, RecursionError):
+            continue
+        for run in result.runs:
+            for text in (run.id, run.name, run.base_model, run.session_id):
+                text.encode()  # whatever was kept is exportable
+    for _ in range(1000):
+        victim = structurally_mutated(rng)
+        try:
+            result = decode(json.dumps(victim).encode())
+        except InvalidRun:
+            assert not isinstance(victim.get("runs"), list)
+            continue
+        assert len(result.runs) + len(result.invalid) == len(victim["runs"])
