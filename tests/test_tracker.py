@@ -120,3 +120,74 @@ def test_unwatch_forgets_everything() -> None:
     assert "k4q95w5" not in tracker.runs
     events, _ = tracker.observe(make_run("FAILED"), 5.0)
     assert events == [Observed("k4q95w5", "smp1", "FAILED")]
+
+
+def restored(status: str, *, since: float, saw_begin: bool) -> Tracker:
+    """A tracker that picked up a run a previous process had seen in `status` since `since`."""
+    earlier = Tracker()
+    earlier.observe(make_run("BUILDING"), since - 10.0)
+    earlier.observe(make_run(status), since)
+    record = earlier.runs["k4q95w5"]
+    record.saw_status_begin = saw_begin
+    tracker = Tracker()
+    tracker.restore(record.saved())
+    return tracker
+
+
+def test_restored_status_confirmed_goes_on_as_if_never_stopped() -> None:
+    tracker = restored("WAKING_UP", since=100.0, saw_begin=True)
+    events, changed = tracker.observe(make_run("WAKING_UP"), 500.0)
+    assert events == []  # neither a first observation nor a change
+    assert changed  # its exported state is rendered from this first poll on
+    record = tracker.runs["k4q95w5"]
+    assert record.since == 100.0
+    assert not record.carried_over
+    # The status began before the restart and is timed from its real beginning.
+    events, _ = tracker.observe(make_run("ACTIVE"), 560.0)
+    assert events == [Changed("k4q95w5", "smp1", "WAKING_UP", "ACTIVE", 460.0)]
+    assert record.transitions == {("BUILDING", "WAKING_UP"): 1, ("WAKING_UP", "ACTIVE"): 1}
+
+
+def test_change_while_down_is_one_untimed_transition_from_the_saved_status() -> None:
+    tracker = restored("ACTIVE", since=100.0, saw_begin=True)
+    events, changed = tracker.observe(make_run("FAILED"), 900.0)
+    assert events == [Changed("k4q95w5", "smp1", "ACTIVE", "FAILED", None, across_restart=True)]
+    assert changed
+    record = tracker.runs["k4q95w5"]
+    assert record.transitions == {("BUILDING", "ACTIVE"): 1, ("ACTIVE", "FAILED"): 1}
+    assert record.since == 900.0
+    # FAILED began at some unknown moment while nobody looked: its duration is unknown too.
+    assert not record.saw_status_begin
+    events, _ = tracker.observe(make_run("ACTIVE"), 950.0)
+    assert events == [Changed("k4q95w5", "smp1", "FAILED", "ACTIVE", None)]
+    events, _ = tracker.observe(make_run("UNHEALTHY"), 990.0)
+    assert events == [Changed("k4q95w5", "smp1", "ACTIVE", "UNHEALTHY", 40.0)]
+
+
+def test_restored_run_keeps_its_state_through_failed_polls() -> None:
+    tracker = restored("SCALED_TO_ZERO", since=100.0, saw_begin=False)
+    record = tracker.record_poll("k4q95w5", Result.TIMEOUT, 200.0)
+    assert (record.status, record.since, record.carried_over) == ("SCALED_TO_ZERO", 100.0, True)
+    events, _ = tracker.observe(make_run("WAKING_UP"), 300.0)
+    assert events == [
+        Changed("k4q95w5", "smp1", "SCALED_TO_ZERO", "WAKING_UP", None, across_restart=True)
+    ]
+
+
+def test_saved_record_round_trips_through_restore() -> None:
+    tracker = restored("UNHEALTHY", since=100.0, saw_begin=True)
+    record = tracker.runs["k4q95w5"]
+    again = Tracker()
+    again.restore(record.saved())
+    assert again.runs["k4q95w5"].saved() == record.saved()
+    assert record.saved().transitions == (("BUILDING", "UNHEALTHY", 1),)
+
+
+def test_restored_undocumented_statuses_keep_their_place_in_the_label_budget() -> None:
+    earlier = Tracker()
+    for moment, status in enumerate(("ACTIVE", "HIBERNATING", "ACTIVE")):
+        earlier.observe(make_run(status), float(moment))
+    tracker = Tracker()
+    record = tracker.restore(earlier.runs["k4q95w5"].saved())
+    assert record.undocumented == {"HIBERNATING"}
+    assert record.undocumented == earlier.runs["k4q95w5"].undocumented

@@ -9,6 +9,12 @@ Answers can arrive out of order (a slow list response after a quicker per-run po
 observation is applied only if it was requested after the last one applied for that run.
 Whatever the API reports, a run's series stay bounded: the transitions counter names at most
 `UNDOCUMENTED_PER_RUN` undocumented statuses of a run and counts the rest as `other`.
+
+A run can also be restored from what a previous watcher process saved (`Saved`): its status,
+since when, and its transition counts carry over; the first poll in this process either
+confirms the status, which then goes on as if the watcher had never stopped, or reports the
+change that happened meanwhile as one transition from the saved status, marked as seen across
+a restart and untimed (the moment it happened is unknown).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class Changed:
     from_status: str
     to_status: str
     seconds_in_previous_status: float | None
+    across_restart: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +76,34 @@ class RunRecord:
     last_result: Result | None = None
     last_success: float | None = None
     consecutive_failures: int = 0
+    # The status came from a previous process and no poll in this one has confirmed it yet.
+    carried_over: bool = False
+
+    def saved(self) -> Saved:
+        """What a later process needs to continue this run; only for a run seen at least once."""
+        assert self.run is not None
+        return Saved(
+            run_id=self.run_id,
+            run=self.run,
+            status=self.status,
+            since=self.since,
+            saw_status_begin=self.saw_status_begin,
+            transitions=tuple(
+                (old, new, count) for (old, new), count in sorted(self.transitions.items())
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """The part of a run's record that outlives the process: enough to continue exactly."""
+
+    run_id: str
+    run: Run
+    status: str | None
+    since: float | None
+    saw_status_begin: bool
+    transitions: tuple[tuple[str, str, int], ...]
 
 
 class Tracker:
@@ -80,6 +115,26 @@ class Tracker:
         record = self.runs.get(run_id)
         if record is None:
             record = self.runs[run_id] = RunRecord(run_id)
+        return record
+
+    def restore(self, saved: Saved) -> RunRecord:
+        """Watch a run as a previous process left it; its first poll here confirms or moves it."""
+        transitions = Counter({(old, new): count for old, new, count in saved.transitions})
+        record = self.runs[saved.run_id] = RunRecord(
+            saved.run_id,
+            run=saved.run,
+            status=saved.status,
+            since=saved.since,
+            saw_status_begin=saved.saw_status_begin,
+            transitions=transitions,
+            undocumented={
+                status
+                for pair in transitions
+                for status in pair
+                if not is_documented(status) and status != OTHER
+            },
+            carried_over=True,
+        )
         return record
 
     def unwatch(self, run_id: str) -> RunRecord | None:
@@ -98,7 +153,10 @@ class Tracker:
         events: list[Event] = []
         status = run.sampler.status if run.sampler else None
         sampler_id = run.sampler.id if run.sampler else None
-        changed = run != record.run
+        # A restored run's exported state is first rendered once a poll here has seen it.
+        changed = run != record.run or record.carried_over
+        across_restart = record.carried_over
+        record.carried_over = False
         if record.run is None or (record.status is None and status is not None):
             events.append(Observed(run.id, sampler_id, status))
             record.since = now if status is not None else None
@@ -109,12 +167,18 @@ class Tracker:
             else:
                 assert record.status is not None
                 assert record.since is not None
-                seconds = now - record.since if record.saw_status_begin else None
-                events.append(Changed(run.id, sampler_id, record.status, status, seconds))
+                # Across a restart the change happened at some unknown moment while nobody
+                # looked: neither the old status's duration nor the new one's start is known.
+                seconds = (
+                    now - record.since if record.saw_status_begin and not across_restart else None
+                )
+                events.append(
+                    Changed(run.id, sampler_id, record.status, status, seconds, across_restart)
+                )
                 pair = (_transition_label(record, record.status), _transition_label(record, status))
                 record.transitions[pair] += 1
                 record.since = now
-                record.saw_status_begin = True
+                record.saw_status_begin = not across_restart
         if status is not None and not is_documented(status):
             if status not in self._undocumented_seen:
                 events.append(Undocumented(run.id, status))
