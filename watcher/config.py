@@ -100,6 +100,7 @@ class Settings(BaseModel):
     max_retries: int = Field(default=3, ge=0, le=10)
     max_concurrency: int = Field(default=16, ge=1, le=1024)
     max_requests_per_second: float = Field(default=20.0, gt=0, le=100_000)
+    state_file: Path | None = None
     total_shards: int = Field(default=1, ge=1, le=1000)
     shard: Annotated[int, BeforeValidator(_shard_number)] = 0  # `auto` is resolved before
     max_list_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024, le=2**32)
@@ -168,6 +169,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_retries", "int", "retries of one poll on transient failure (3)", "N"),
     Option("max_concurrency", "int", "requests in flight at once (16)", "N"),
     Option("max_requests_per_second", "float", "global cap on requests to the API (20)", "R"),
+    Option("state_file", "path", "SQLite file keeping per-run state across restarts", "PATH"),
     Option("total_shards", "int", "split the runs among N watchers by their ID's hash (1)", "N"),
     Option("shard", "str", "this watcher's shard: 0 to N-1, or auto (hostname's ordinal)", "I"),
     Option("max_list_body_bytes", "int", "largest list response read, in bytes (64 MiB)", "N"),

@@ -37,7 +37,8 @@ from watcher.model import (
 from watcher.scheduler import Cadence, Scheduler
 from watcher.server import Server
 from watcher.sharding import Shard
-from watcher.tracker import Changed, Event, Observed, Tracker, Undocumented
+from watcher.state import StateStore
+from watcher.tracker import Changed, Event, Observed, Saved, Tracker, Undocumented
 
 FILE_CHECK_INTERVAL = 2.0
 HEARTBEAT_LIMIT = 15.0
@@ -54,6 +55,10 @@ DISCOVERY_FAILING_AFTER = 3
 # Skipped list entries are warned about once each; this many are remembered for that.
 SKIPPED_REMEMBERED = 1000
 FIRST_LIST = "(list request)"
+# When the state file is told which runs are still watched (and older rows are pruned): soon
+# after start, once discovery had its first lists, then hourly.
+STATE_UPKEEP_FIRST = 300.0
+STATE_UPKEEP_INTERVAL = 3600.0
 
 _CHANGE_LEVEL = {
     StatusClass.FAILED: "error",
@@ -102,6 +107,11 @@ class Watcher:
         self.metrics = Metrics(
             registry, __version__, self.shard, discovery=settings.discover is not None
         )
+        self.store = (
+            StateStore(settings.state_file, registry) if settings.state_file is not None else None
+        )
+        # Runs the state file knows that are not watched right now, ready to be picked up again.
+        self._saved: dict[str, Saved] = {}
         self.client = LoopsClient(
             api_url=settings.api_url,
             api_key=settings.api_key.get_secret_value() if settings.api_key else "",
@@ -144,13 +154,19 @@ class Watcher:
     def sync_runs(self, desired: dict[str, None], *, spread: float, after: float = 0.0) -> None:
         for run_id in [r for r in self.scheduler.run_ids if r not in desired]:
             self.scheduler.remove(run_id)
-            self.tracker.unwatch(run_id)
+            record = self.tracker.unwatch(run_id)
+            if self.store is not None and record is not None and record.run is not None:
+                self._saved[run_id] = record.saved()
             self.metrics.forget(run_id)
             self._awaiting_first_poll.discard(run_id)
             self._unexported.discard(run_id)
             self.log.info("run_unwatched", run_id=run_id)
         for run_id in self.scheduler.add_many(desired, spread=spread, after=after):
-            self.tracker.watch(run_id)
+            saved = self._saved.pop(run_id, None)
+            if saved is None:
+                self.tracker.watch(run_id)
+            else:
+                self.tracker.restore(saved)
             self.metrics.watch(run_id)
             if self._started:
                 self.log.info("run_watched", run_id=run_id)
@@ -327,6 +343,8 @@ class Watcher:
         events, changed = self.tracker.observe(run, now, requested=requested)
         for event in events:
             self._emit(event, run)
+        if changed and self.store is not None:
+            self.store.save(record.saved())
         if changed or run.id in self._unexported:
             try:
                 self.metrics.update_state(record)
@@ -416,6 +434,7 @@ class Watcher:
                 from_status=event.from_status,
                 to_status=event.to_status,
                 seconds_in_previous_status=(None if seconds is None else round(seconds, 3)),
+                across_restart=event.across_restart,
                 **identity,
             )
         elif isinstance(event, Undocumented):
@@ -477,6 +496,8 @@ class Watcher:
             ) from None
         if on_listening:
             on_listening(server.port)
+        if self.store is not None:
+            self._saved = await asyncio.to_thread(self.store.open)
         self.reload_run_ids_file("start")
         desired = self.desired_runs()
         # In list mode the first list gets a chance to answer before runs are polled one by one:
@@ -504,6 +525,8 @@ class Watcher:
         ]
         if self.settings.run_ids_file is not None:
             tasks.append(asyncio.create_task(self._watch_run_ids_file(), name="run-ids-file"))
+        if self.store is not None:
+            tasks.append(asyncio.create_task(self._keep_state(self.store), name="state-upkeep"))
         try:
             await _wait_for_stop_or_crash(stop, tasks)
         finally:
@@ -512,6 +535,14 @@ class Watcher:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.client.aclose()
             await server.close()
+            if self.store is not None:
+                await asyncio.to_thread(self.store.close)
+
+    async def _keep_state(self, store: StateStore) -> None:
+        await asyncio.sleep(STATE_UPKEEP_FIRST)
+        while True:
+            store.touch(list(self.tracker.runs))
+            await asyncio.sleep(STATE_UPKEEP_INTERVAL)
 
     def first_round_spread(self) -> float:
         """How far to spread the first round: no faster than the request cap allows."""
