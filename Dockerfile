@@ -25,17 +25,25 @@ LABEL org.opencontainers.image.title="loops-watcher" \
       org.opencontainers.image.description="Prometheus exporter for Baseten Loops sampler status"
 
 # A fixed UID/GID, so Kubernetes' runAsUser and compose's user: can name it (deploy/ does).
+# The state file's directory belongs to it: the one place the watcher writes.
 RUN groupadd --gid 10001 loops-watcher \
  && useradd --no-log-init --uid 10001 --gid loops-watcher --no-create-home \
-        --home-dir /nonexistent --shell /usr/sbin/nologin loops-watcher
+        --home-dir /nonexistent --shell /usr/sbin/nologin loops-watcher \
+ && mkdir -p /var/lib/loops-watcher \
+ && chown 10001:10001 /var/lib/loops-watcher \
+ && chmod 0750 /var/lib/loops-watcher
 
 # Owned by root and left read-only for the service user; the .pyc files were compiled at
 # install time, so nothing needs writing at run time and a read-only root filesystem works.
 COPY --from=build /opt/loops-watcher /opt/loops-watcher
 
+# Per-run state survives restarts in a volume (deploy/ mounts one; with a read-only root
+# filesystem and no volume the watcher says so in its log and keeps state in memory).
 ENV PATH="/opt/loops-watcher/bin:${PATH}" \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    LOOPS_WATCHER_STATE_FILE=/var/lib/loops-watcher/state.db
+VOLUME ["/var/lib/loops-watcher"]
 
 USER 10001:10001
 EXPOSE 9877

@@ -78,8 +78,8 @@ EXPORTED_METRICS = {**CONTRACT_METRICS, **EXTRA_METRICS}
 CONTRACT_OPTIONS = {
     "config", "api_url", "api_key_file", "auth_scheme", "run_id", "run_ids_file", "discover",
     "poll_interval", "fast_poll_interval", "request_timeout", "max_retries", "max_concurrency",
-    "max_requests_per_second", "listen_address", "log_format", "log_level", "demo",
-    "check_config", "once", "total_shards", "shard",
+    "max_requests_per_second", "state_file", "listen_address", "log_format", "log_level",
+    "demo", "check_config", "once", "total_shards", "shard",
 }  # fmt: skip
 DEFAULT_PORT = 9877
 # Labels Prometheus itself attaches (scrape target, histogram bucket); `up` is its own series.
@@ -920,3 +920,33 @@ def test_configmap_config_is_accepted_by_the_watcher(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fake-key-for-tests" not in result.stdout + result.stderr
+
+
+def test_image_compose_and_pod_keep_the_state_file_on_a_volume_the_user_can_write() -> None:
+    instructions = dockerfile_instructions()
+    env = " ".join(args for keyword, args in instructions if keyword == "ENV")
+    match = re.search(r"\bLOOPS_WATCHER_STATE_FILE=(/\S+)", env)
+    assert match, "the image keeps per-run state by default"
+    state_file = match[1]
+    state_dir = str(Path(state_file).parent)
+    assert ("VOLUME", f'["{state_dir}"]') in instructions
+    uid, gid = image_user()
+    runtime = instructions[max(i for i, (kw, _) in enumerate(instructions) if kw == "FROM") :]
+    setup = " ".join(args for keyword, args in runtime if keyword == "RUN")
+    assert f"mkdir -p {state_dir}" in setup
+    assert f"chown {uid}:{gid} {state_dir}" in setup
+
+    services = compose()
+    mounts = dict(volume.split(":")[:2] for volume in services["services"]["watcher"]["volumes"])
+    (named,) = [source for source, target in mounts.items() if target == state_dir]
+    assert named in services["volumes"], "a named volume: it outlives the container"
+
+    pod = resource("Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    variables = {item["name"]: item["value"] for item in container["env"]}
+    assert variables["LOOPS_WATCHER_STATE_FILE"] == state_file
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == state_dir]
+    assert not mount.get("readOnly")
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert "sizeLimit" in volume["emptyDir"]
+    assert pod["securityContext"]["fsGroup"] == gid, "the emptyDir is writable by the user"
