@@ -219,6 +219,7 @@ def test_kill_9_in_a_burst_of_transitions_loses_nothing_written_and_counts_nothi
         assert seen == [s for s in path if s in seen], f"{run_id} out of order: {seen}"
         # What the file holds is a point on what the first process saw, transitions consistent.
         saved = written[run_id]
+        assert saved.status is not None
         at = seen.index(saved.status)
         assert {(a, b): n for a, b, n in saved.transitions} == pairs(seen[: at + 1])
         # Anything seen a second before the kill had long been committed.
