@@ -12,7 +12,9 @@ and in one run:
 3. the same runs in list mode: requests per interval, CPU, memory, and fast polls next to
    the most there could be (a run that turns transitional between two lists is seen, and then
    polled fast, from the next list on, so short wake-ups get few fast polls or none);
-4. how long a status change in the backend takes to show in `/metrics`.
+4. how long a status change in the backend takes to show in `/metrics`;
+5. the runs of 2 and 3 split among four shard processes: each one's share, CPU and memory,
+   and the requests all of them make together.
 
 CPU is utime + stime from /proc/<pid>/stat, memory VmRSS from /proc/<pid>/status; polls come
 from `loops_watcher_polls_total` and request counts from the simulator's `/_sim/requests`.
@@ -72,6 +74,8 @@ LATENCY_RUNS = 50
 LATENCY_INTERVAL = 5.0
 LATENCY_FAST_INTERVAL = 1.0
 LATENCY_TRIALS = 5
+# Part 5: the same runs, split.
+SHARDS = 4
 
 
 # --- processes -------------------------------------------------------------------------------
@@ -268,8 +272,10 @@ def watcher(
 
 
 def sample_values(text: str, name: str) -> list[float]:
-    prefix = name + "{"
-    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)]
+    prefixes = (name + "{", name + " ")
+    return [
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefixes)
+    ]
 
 
 def polls_total(text: str) -> float:
@@ -739,6 +745,72 @@ def part_latency(tmp: Path, results: Results) -> None:
         )
 
 
+def part_shards(tmp: Path, results: Results) -> None:
+    with simulator(SCALE_RUNS) as sim:
+        run_ids = [run.id for run in sim.runs]
+        options = [
+            "--poll-interval", str(SCALE_INTERVAL),
+            "--fast-poll-interval", str(SCALE_FAST_INTERVAL),
+            "--max-requests-per-second", str(SCALE_RATE),
+            "--total-shards", str(SHARDS),
+        ]  # fmt: skip
+        sim.control("POST", "faults", LIST_FORBIDDEN)
+        shard_processes(sim, tmp, run_ids, options, results, mode="per-run GETs")
+        sim.control("DELETE", "faults")
+        shard_processes(sim, tmp, run_ids, options, results, mode="list mode")
+
+
+def shard_processes(
+    sim: Simulator,
+    tmp: Path,
+    run_ids: Sequence[str],
+    options: Sequence[str],
+    results: Results,
+    *,
+    mode: str,
+) -> None:
+    part = f"5 {SHARDS} shards, {mode}: {SCALE_RUNS:,} runs/{SCALE_INTERVAL:g} s"
+    with contextlib.ExitStack() as stack:
+        shards = [
+            stack.enter_context(watcher(sim, tmp, run_ids, results, *options, "--shard", str(i)))
+            for i in range(SHARDS)
+        ]
+        for shard in shards:
+            wait_until(shard.ready, 90, "shard readiness")
+        time.sleep(SCALE_INTERVAL / 3)  # the first round, as in part 2
+        before = sim.requests()
+        cpu = [shard.child.cpu() for shard in shards]
+        started = time.monotonic()
+        time.sleep(2 * SCALE_INTERVAL)
+        cores = [
+            (shard.child.cpu() - cpu0) / (time.monotonic() - started)
+            for shard, cpu0 in zip(shards, cpu, strict=True)
+        ]
+        intervals = (time.monotonic() - started) / SCALE_INTERVAL
+        after = sim.requests()
+        watched = [
+            sum(sample_values(shard.scrape()[0], "loops_watcher_watched_runs")) for shard in shards
+        ]
+        peaks = [shard.child.memory("VmHWM") for shard in shards]
+    lists = (after.get(RUN_PATH.rstrip("/"), 0) - before.get(RUN_PATH.rstrip("/"), 0)) / intervals
+    results.rows += [
+        Row(
+            part,
+            "runs per shard (all shards)",
+            f"{min(watched):,.0f}-{max(watched):,.0f} ({sum(watched):,.0f})",
+            f"sum = {SCALE_RUNS:,}",
+            verdict(sum(watched) == SCALE_RUNS),
+        ),
+        Row(part, "CPU per shard", f"{min(cores):.1%}-{max(cores):.1%} of a core"),
+        Row(
+            part,
+            "peak resident memory per shard",
+            f"{min(peaks) / 1e6:.0f}-{max(peaks) / 1e6:.0f} MB",
+        ),
+        Row(part, "list requests per interval, all shards", f"{lists:.1f}"),
+    ]
+
+
 # --- the table -------------------------------------------------------------------------------
 
 
@@ -780,12 +852,13 @@ PARTS: dict[str, Callable[[Path, Results], None]] = {
     "1": part_saturated,
     "2": part_scale,  # parts 2 and 3 share one simulator
     "4": part_latency,
+    "5": part_shards,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark the watcher on loopback.")
-    parser.add_argument("--parts", default="1,2,3,4", help="parts to run (2 and 3 go together)")
+    parser.add_argument("--parts", default="1,2,3,4,5", help="parts to run (2 and 3 go together)")
     parser.add_argument("--bare-loop", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--ids", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
