@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,6 +16,7 @@ from watcher.config import (
     ConfigError,
     Settings,
     load_settings,
+    read_regular_file,
     read_run_ids_file,
     redacted,
     to_toml,
@@ -86,7 +91,7 @@ def test_booleans_from_environment() -> None:
             {},
             r"--poll-interval \(from command line\): invalid value 'abc'",
         ),
-        (["--poll-interval", "0"], {}, r"--poll-interval .*greater than 0"),
+        (["--poll-interval", "0"], {}, r"--poll-interval .*'0'.*greater than or equal to 0.1"),
         (["--poll-interval", "nan"], {}, r"--poll-interval .*'nan'"),
         (
             [],
@@ -285,3 +290,231 @@ def test_example_file_documents_every_option_with_its_default() -> None:
     defaults = load(["--run-id", "a1"])
     skip = {"config"}
     assert from_file.model_dump(exclude=skip) == defaults.model_dump(exclude=skip)
+
+
+# --- what an operator types: refused at start, one line, never the secret ----------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://user:hunter2@127.0.0.1:8080", "user name or password"),
+        ("https://:hunter2@api.example.com/", "user name or password"),
+        ("https://token-hunter2@api.example.com", "user name or password"),
+        ("http://127.0.0.1:0", "port must be a number from 1 to 65535"),
+        ("http://127.0.0.1:65536", "port must be a number from 1 to 65535"),
+        ("http://127.0.0.1:99999999", "port must be a number from 1 to 65535"),
+        ("http://127.0.0.1:x80", "port must be a number from 1 to 65535"),
+        ("https://api.example.com/?a=1", "query"),
+        ("https://api.example.com/\n", "control characters"),
+    ],
+)
+def test_api_url_with_credentials_or_a_bad_port_is_refused_without_echoing_the_password(
+    url: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError, match="--api-url") as caught:
+        load(["--run-id", "a", "--api-url", url])
+    message = str(caught.value)
+    assert reason in message
+    assert "hunter2" not in message
+    assert "\n" not in message
+
+
+def test_api_url_keeps_ports_in_range_and_ipv6_hosts() -> None:
+    assert load(["--run-id", "a", "--api-url", "http://[::1]:65535/"]).api_url == (
+        "http://[::1]:65535"
+    )
+    assert load(["--run-id", "a", "--api-url", "https://h.example:1"]).api_url == (
+        "https://h.example:1"
+    )
+
+
+@pytest.mark.parametrize("run_id", ["abc\n", "abc\r\n", "\nabc", "ab\x00c", "abc "])
+def test_a_run_id_with_a_line_break_or_control_character_is_refused(run_id: str) -> None:
+    with pytest.raises(ConfigError, match=r"--run-id .*not a run ID") as caught:
+        load(["--run-id", "good1", "--run-id", run_id])
+    assert "\n" not in str(caught.value)
+    assert repr(run_id) in str(caught.value)  # the bad item, shown escaped
+
+
+def test_a_run_id_with_a_line_break_in_the_file_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "w.toml"
+    config.write_text('run_id = ["good1", "abc\\n"]\n')
+    with pytest.raises(ConfigError, match=r"--run-id \(from config file .*\): invalid value 'abc"):
+        load(["--config", str(config)])
+
+
+def test_a_config_file_that_is_not_utf8_is_one_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "w.toml"
+    config.write_bytes(b'run_id = ["a"]\napi_url = "http://h\xff\xfe"\n')
+    with pytest.raises(ConfigError, match=r"--config: .*w.toml' is not UTF-8 text") as caught:
+        load(["--config", str(config)])
+    assert "\n" not in str(caught.value)
+
+
+def test_a_config_file_nested_too_deeply_is_one_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "w.toml"
+    config.write_text("run_id = " + "[" * 50_000 + "]" * 50_000 + "\n")
+    with pytest.raises(ConfigError, match="too deeply"):
+        load(["--config", str(config)])
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            "poll_interval = true",
+            r"--poll-interval .*invalid value True: must be a number, not a TOML boolean",
+        ),
+        ('demo = "yes"', r"--demo .*invalid value 'yes': must be true or false, not a TOML string"),
+        ("once = 1", r"--once .*must be true or false, not a TOML integer"),
+        ('max_retries = "3"', r"--max-retries .*must be a whole number, not a TOML string"),
+        ("max_retries = 2.5", r"--max-retries .*must be a whole number, not a TOML float"),
+        ("max_concurrency = true", r"--max-concurrency .*must be a whole number"),
+        ('max_requests_per_second = "20"', r"--max-requests-per-second .*must be a number"),
+        ("api_url = 8080", r"--api-url .*must be a string, not a TOML integer"),
+        ("run_id = [1]", r"--run-id .*invalid value 1: must be a string"),
+    ],
+)
+def test_toml_values_of_the_wrong_type_are_refused_not_coerced(
+    tmp_path: Path, line: str, expected: str
+) -> None:
+    config = tmp_path / "w.toml"
+    config.write_text(f"{line}\n")
+    args = ["--config", str(config)] + ([] if line.startswith("run_id") else ["--run-id", "a"])
+    with pytest.raises(ConfigError, match=expected):
+        load(args)
+
+
+def test_strings_from_flags_and_environment_are_parsed_into_their_types() -> None:
+    env = {"LOOPS_WATCHER_MAX_RETRIES": " 5 ", "LOOPS_WATCHER_ONCE": "yes"}
+    settings = load(["--run-id", "a", "--max-concurrency", "4", "--request-timeout", "2.5"], env)
+    assert (settings.max_retries, settings.once) == (5, True)
+    assert (settings.max_concurrency, settings.request_timeout) == (4, 2.5)
+    with pytest.raises(ConfigError, match=r"--max-retries \(from command line\): .*'2.5'.*whole"):
+        load(["--run-id", "a", "--max-retries", "2.5"])
+
+
+def test_a_fast_interval_longer_than_the_slow_one_is_refused() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"--fast-poll-interval \(from command line\): invalid value 60: must not be "
+        r"longer than --poll-interval \(from environment LOOPS_WATCHER_POLL_INTERVAL\) 30",
+    ):
+        load(["--run-id", "a", "--fast-poll-interval", "60"], {"LOOPS_WATCHER_POLL_INTERVAL": "30"})
+    # Left at its default, the fast interval follows a short slow one down.
+    settings = load(["--run-id", "a", "--poll-interval", "2"])
+    assert (settings.poll_interval, settings.fast_poll_interval) == (2, 2)
+    same = load(["--run-id", "a", "--poll-interval", "2", "--fast-poll-interval", "2"])
+    assert same.fast_poll_interval == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--poll-interval", "1e-9"], r"--poll-interval .*'1e-9'.*greater than or equal to 0.1"),
+        (["--fast-poll-interval", "0.01"], r"--fast-poll-interval .*greater than or equal to 0.1"),
+        (["--poll-interval", "1e9"], r"--poll-interval .*less than or equal to 86400"),
+        (["--poll-interval", "inf"], r"--poll-interval .*'inf'"),
+        (["--request-timeout", "1e-9"], r"--request-timeout .*greater than or equal to 0.1"),
+        (["--request-timeout", "3600"], r"--request-timeout .*less than or equal to 600"),
+        (["--max-requests-per-second", "1e-300"], r"--max-requests-per-second .*0.01"),
+        (["--max-requests-per-second", "1e300"], r"--max-requests-per-second .*100000"),
+        (["--max-concurrency", "100000"], r"--max-concurrency .*1024"),
+        (["--max-retries", "1000"], r"--max-retries .*10"),
+    ],
+)
+def test_absurd_values_are_refused(argv: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load(["--run-id", "a", *argv])
+
+
+def in_thread(call: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Run `call` in a daemon thread; fail (instead of hanging) if it blocks."""
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"blocked for more than {timeout} s"
+    return outcome[0]
+
+
+def special_file(kind: str, tmp_path: Path) -> Path:
+    path = tmp_path / "run-ids"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "huge":
+        with path.open("wb") as handle:
+            handle.truncate(16 * 1024 * 1024 + 1)  # sparse: costs no disk
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("fifo", "is a FIFO, not a regular file"),
+        ("dev-zero", "is a character device, not a regular file"),
+        ("directory", "is a directory, not a regular file"),
+        ("huge", "is larger than the 16,777,216-byte limit"),
+    ],
+)
+def test_run_ids_file_must_be_a_bounded_regular_file(
+    tmp_path: Path, kind: str, reason: str
+) -> None:
+    path = special_file(kind, tmp_path)
+    error = in_thread(lambda: read_run_ids_file(path))
+    assert isinstance(error, ConfigError)
+    assert str(error) == f"--run-ids-file: {str(path)!r} {reason}"
+    at_start = in_thread(lambda: load(["--run-ids-file", str(path)]))
+    assert isinstance(at_start, ConfigError)
+    assert str(at_start) == str(error)
+
+
+def test_a_file_that_grows_past_its_cap_while_read_is_refused(tmp_path: Path) -> None:
+    # /proc files report a size of 0: the cap must hold on what is read, not on what fstat says.
+    assert read_regular_file(Path("/proc/self/status"), 64 * 1024, "--x").startswith(b"Name:")
+    with pytest.raises(ConfigError, match="larger than the 16-byte limit"):
+        read_regular_file(Path("/proc/self/status"), 16, "--x")
+
+
+def test_run_ids_file_symlinked_to_a_regular_file_is_fine(tmp_path: Path) -> None:
+    # Kubernetes mounts ConfigMap keys as symlinks.
+    target = tmp_path / "data"
+    target.write_text("k4q95w5\n")
+    (tmp_path / "link").symlink_to(target)
+    assert read_run_ids_file(tmp_path / "link") == ("k4q95w5",)
+
+
+def test_a_config_file_or_key_file_that_is_a_fifo_does_not_block(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for argv in (["--config", str(fifo)], ["--run-id", "a", "--api-key-file", str(fifo)]):
+        error = in_thread(lambda argv=argv: load(argv))  # type: ignore[misc]
+        assert isinstance(error, ConfigError)
+        assert "is a FIFO, not a regular file" in str(error)
+
+
+@pytest.mark.parametrize("key", ["clé-0000", "key\u200b0000", "ключ"])
+def test_a_non_ascii_key_is_one_clear_error(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ConfigError, match="BASETEN_API_KEY: the API key contains non-ASCII") as c:
+        load(["--run-id", "a"], {"BASETEN_API_KEY": key})
+    assert key not in str(c.value)
+    key_file = tmp_path / "key"
+    key_file.write_text(key + "\n")
+    with pytest.raises(ConfigError, match=r"--api-key-file .*non-ASCII") as c:
+        load(["--run-id", "a", "--api-key-file", str(key_file)])
+    assert key not in str(c.value)
+    key_file.write_bytes(b"key\xff0000\n")
+    with pytest.raises(ConfigError, match=r"--api-key-file: .* is not UTF-8 text$"):
+        load(["--run-id", "a", "--api-key-file", str(key_file)])

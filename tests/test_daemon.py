@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import threading
+from pathlib import Path
+
 import pytest
 from factories import make_run
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
+from watcher import daemon
 from watcher.api import Outcome, Result
 from watcher.config import load_settings
 from watcher.daemon import Watcher, change_level
@@ -187,3 +193,48 @@ def test_health_follows_the_poll_loop(watcher: Watcher) -> None:
     healthy, message = watcher.health()
     assert not healthy
     assert "poll loop" in message
+
+
+def file_watcher(tmp_path: Path) -> tuple[Watcher, Path]:
+    path = tmp_path / "run-ids"
+    path.write_text("k4q95w5\n7wq2m3x\n")
+    settings = load_settings(
+        ["--run-ids-file", str(path)], {"BASETEN_API_KEY": FAKE_KEY}, stdout_is_tty=False
+    )
+    return Watcher(settings, registry=CollectorRegistry()), path
+
+
+async def test_a_run_ids_file_turned_into_a_fifo_keeps_the_last_good_set(tmp_path: Path) -> None:
+    watcher, path = file_watcher(tmp_path)
+    await watcher.reload_run_ids_file("start")
+    path.unlink()
+    os.mkfifo(path)
+    with capture_logs() as logs:
+        await asyncio.wait_for(watcher.reload_run_ids_file("changed"), timeout=5)
+    assert logs == [
+        {
+            "event": "run_ids_file_invalid",
+            "log_level": "error",
+            "path": str(path),
+            "reason": "changed",
+            "error": f"--run-ids-file: {str(path)!r} is a FIFO, not a regular file",
+        }
+    ]
+    assert list(watcher.desired_runs()) == ["k4q95w5", "7wq2m3x"]
+
+
+async def test_the_run_ids_file_is_read_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watcher, _ = file_watcher(tmp_path)
+    readers: list[threading.Thread] = []
+
+    def read(path: Path) -> tuple[str, ...]:
+        readers.append(threading.current_thread())
+        return ("k4q95w5",)
+
+    monkeypatch.setattr(daemon, "read_run_ids_file", read)
+    await watcher.reload_run_ids_file("start")
+    assert readers
+    assert readers[0] is not threading.main_thread()
+    assert list(watcher.desired_runs()) == ["k4q95w5"]

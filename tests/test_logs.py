@@ -60,3 +60,38 @@ def test_the_key_is_scrubbed_wherever_it_appears(log_format: str) -> None:
     output = stream.getvalue()
     assert SECRET not in output
     assert "<redacted>" in output
+
+
+# A key with the characters JSON and repr escape: its escaped forms must not get through either.
+QUOTED_SECRET = 'fake"key\\with-quote'
+
+
+def forms(secret: str) -> set[str]:
+    return {secret, json.dumps(secret)[1:-1], repr(secret)[1:-1]}
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_a_key_with_quotes_and_backslashes_is_scrubbed_in_every_rendered_form(
+    log_format: str,
+) -> None:
+    stream = io.StringIO()
+    configure_logging(log_format, "debug", secret=QUOTED_SECRET, stream=stream)
+    echoed = f"HTTP 401: invalid API key {QUOTED_SECRET}"  # as an API might echo it
+    get_logger().error(
+        "api_key_rejected",
+        detail=echoed,
+        nested={"body": [echoed, (echoed,)]},
+        obj=ValueError(echoed),
+    )
+    try:
+        raise RuntimeError(echoed)
+    except RuntimeError:
+        get_logger().exception("crash")
+    output = stream.getvalue()
+    for form in forms(QUOTED_SECRET):
+        assert form not in output
+    assert output.count("<redacted>") >= 4
+    if log_format == "json":
+        first = json.loads(output.splitlines()[0])
+        assert first["detail"] == "HTTP 401: invalid API key <redacted>"
+        assert first["nested"] == {"body": [first["detail"], [first["detail"]]]}

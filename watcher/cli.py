@@ -57,7 +57,7 @@ async def run_daemon(settings: Settings) -> None:
     started = time.monotonic()
     async with _backend(settings) as effective:
         watcher = Watcher(effective, registry=CollectorRegistry())
-        install_signal_handlers(stop, lambda: watcher.reload_run_ids_file("SIGHUP"))
+        install_signal_handlers(stop, watcher.request_run_ids_reload)
 
         def announce(port: int) -> None:
             if settings.demo:
@@ -85,7 +85,7 @@ async def _backend(settings: Settings) -> AsyncIterator[Settings]:
 async def run_once(settings: Settings, out: TextIO) -> int:
     async with _backend(settings) as effective:
         watcher = Watcher(effective, registry=CollectorRegistry())
-        watcher.reload_run_ids_file("start")
+        await watcher.reload_run_ids_file("start")
         watcher.sync_runs(watcher.desired_runs(), spread=0.0)
         try:
             if watcher.list_mode():

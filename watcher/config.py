@@ -12,11 +12,13 @@ import math
 import os
 import re
 import socket
+import stat
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -34,7 +36,17 @@ from watcher.sharding import hostname_ordinal
 
 ENV_PREFIX = "LOOPS_WATCHER_"
 API_KEY_ENV = "BASETEN_API_KEY"
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# Files are read whole, so each has a ceiling; anything but a regular file is refused.
+CONFIG_FILE_CAP = 1024 * 1024
+API_KEY_FILE_CAP = 64 * 1024
+RUN_IDS_FILE_CAP = 16 * 1024 * 1024
+# Bounds of the numeric options: beyond them a value is a typo, not a tuning choice.
+MIN_SECONDS = 0.1
+MAX_INTERVAL = 86_400.0
+MAX_REQUEST_TIMEOUT = 600.0
+MIN_RATE = 0.01
+MAX_RATE = 100_000.0
 
 
 class ConfigError(Exception):
@@ -47,11 +59,13 @@ def _finite(value: float) -> float:
     return value
 
 
-Seconds = Annotated[float, Field(gt=0, le=86_400), AfterValidator(_finite)]
+Interval = Annotated[
+    float, Field(ge=MIN_SECONDS, le=MAX_INTERVAL, strict=True), AfterValidator(_finite)
+]
 
 
 def check_run_id(run_id: str) -> str:
-    if not RUN_ID_PATTERN.match(run_id):
+    if not RUN_ID_PATTERN.fullmatch(run_id):
         raise ValueError(f"{run_id[:80]!r} is not a run ID (letters, digits, '_', '-', '.')")
     return run_id
 
@@ -62,6 +76,35 @@ def _shard_number(value: object) -> object:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError("a shard is a number from 0 to --total-shards minus 1, or auto")
     return value
+
+
+def check_http_url(value: str) -> str:
+    """An http(s) base URL without credentials, query or fragment; the reason never quotes it."""
+    if re.search(r"\s", value) or not value.isprintable():
+        raise ValueError("contains whitespace or control characters")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http(s) URL such as https://api.baseten.co")
+    if "@" in parts.netloc:
+        # httpx would send these as Basic auth instead of the key, and they would be printed.
+        raise ValueError(
+            "must not carry a user name or password (user:password@host); "
+            f"the API key comes from {API_KEY_ENV} or --api-key-file"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("the port must be a number from 1 to 65535")
+    if parts.query or parts.fragment or value.endswith(("?", "#")):
+        raise ValueError("must not have a query (?) or fragment (#)")
+    return value.rstrip("/")
+
+
+def hide_userinfo(text: str) -> str:
+    """`scheme://user:password@host` with the credentials replaced, for error messages."""
+    return re.sub(r"(?<=://)[^/?#]*@", "<redacted>@", text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,31 +137,35 @@ class Settings(BaseModel):
     run_ids_file: Path | None = None
     discover: Literal["own", "org"] | None = None
     discover_base_model: str | None = None
-    poll_interval: Seconds = 30.0
-    fast_poll_interval: Seconds = 5.0
-    request_timeout: Seconds = 10.0
-    max_retries: int = Field(default=3, ge=0, le=10)
-    max_concurrency: int = Field(default=16, ge=1, le=1024)
-    max_requests_per_second: float = Field(default=20.0, gt=0, le=100_000)
+    poll_interval: Interval = 30.0
+    fast_poll_interval: Interval = 5.0
+    request_timeout: Annotated[
+        float, Field(ge=MIN_SECONDS, le=MAX_REQUEST_TIMEOUT, strict=True), AfterValidator(_finite)
+    ] = 10.0
+    max_retries: int = Field(default=3, ge=0, le=10, strict=True)
+    max_concurrency: int = Field(default=16, ge=1, le=1024, strict=True)
+    max_requests_per_second: Annotated[
+        float, Field(ge=MIN_RATE, le=MAX_RATE, strict=True), AfterValidator(_finite)
+    ] = 20.0
     state_file: Path | None = None
-    total_shards: int = Field(default=1, ge=1, le=1000)
+    total_shards: int = Field(default=1, ge=1, le=1000, strict=True)
     shard: Annotated[int, BeforeValidator(_shard_number)] = 0  # `auto` is resolved before
-    max_list_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024, le=2**32)
+    max_list_body_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024 * 1024, le=2**32, strict=True
+    )
     listen_address: str = "0.0.0.0:9877"
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    demo: bool = False
-    check_config: bool = False
-    once: bool = False
+    demo: bool = Field(default=False, strict=True)
+    check_config: bool = Field(default=False, strict=True)
+    once: bool = Field(default=False, strict=True)
     # Not an option: loaded from --api-key-file or BASETEN_API_KEY, never from a flag.
     api_key: SecretStr | None = None
 
     @field_validator("api_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", value):
-            raise ValueError(f"{value!r} is not an http(s) URL such as https://api.baseten.co")
-        return value.rstrip("/")
+        return check_http_url(value)
 
     @field_validator("listen_address")
     @classmethod
@@ -223,31 +270,103 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _from_env_text(option: Option, text: str) -> Any:
+def _typed(name: str, value: Any, source: str) -> Any:
+    return _from_text(_BY_NAME[name], value, source) if isinstance(value, str) else value
+
+
+def _from_text(option: Option, text: str, source: str) -> Any:
+    """A flag's or variable's text as the option's type; TOML values arrive typed already."""
+    try:
+        if option.kind == "int":
+            return int(text.strip())
+        if option.kind == "float":
+            return float(text.strip())
+    except ValueError:
+        noun = "a whole number" if option.kind == "int" else "a number"
+        raise ConfigError(
+            f"{option.flag} (from {source}): invalid value {_shown(text)}: must be {noun}"
+        ) from None
     if option.kind == "bool":
         lowered = text.strip().lower()
         if lowered in _TRUE | _FALSE:
             return lowered in _TRUE
-        raise ConfigError(f"{option.env}: {text!r} is not a boolean (use true or false)")
+        raise ConfigError(f"{option.env}: {_shown(text)} is not a boolean (use true or false)")
     if option.kind == "list":
         return [item for item in re.split(r"[\s,]+", text) if item]
     return text
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _refuse_irregular(mode: int, size: int, cap: int) -> str | None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        return f"is {kind}, not a regular file"
+    if size > cap:
+        return f"is larger than the {cap:,}-byte limit"
+    return None
+
+
+def read_regular_file(path: Path, cap: int, flag: str) -> bytes:
+    """The whole content of a regular file of at most `cap` bytes, or a ConfigError.
+
+    Never blocks on a FIFO or reads an endless device: the path is checked before opening,
+    opened non-blocking, checked again on the open descriptor, and read to at most cap+1 bytes
+    (a file can grow, and some report a size of 0)."""
+    where = repr(str(path))
     try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
+        reason = _refuse_irregular(os.stat(path).st_mode, 0, cap)
+        if reason is None:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            try:
+                info = os.fstat(fd)
+                reason = _refuse_irregular(info.st_mode, info.st_size, cap)
+                if reason is None:
+                    chunks, size = [], 0
+                    while size <= cap and (chunk := os.read(fd, cap + 1 - size)):
+                        chunks.append(chunk)
+                        size += len(chunk)
+                    if size <= cap:
+                        return b"".join(chunks)
+                    reason = _refuse_irregular(info.st_mode, size, cap)
+            finally:
+                os.close(fd)
     except FileNotFoundError:
-        raise ConfigError(f"--config: file {str(path)!r} does not exist") from None
+        raise ConfigError(f"{flag}: file {where} does not exist") from None
     except OSError as exc:
-        raise ConfigError(f"--config: cannot read {str(path)!r}: {exc.strerror}") from None
+        raise ConfigError(f"{flag}: cannot read {where}: {exc.strerror or exc}") from None
+    raise ConfigError(f"{flag}: {where} {reason}")
+
+
+def _read_text(path: Path, cap: int, flag: str) -> str:
+    data = read_regular_file(path, cap, flag)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{flag}: {str(path)!r} is not UTF-8 text (byte {exc.start + 1} is not)"
+        ) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    text = _read_text(path, CONFIG_FILE_CAP, "--config")
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config: {str(path)!r} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"--config: {str(path)!r} nests arrays or tables too deeply") from None
     unknown = sorted(set(data) - set(_BY_NAME) | ({"config"} & set(data)))
     if unknown:
         raise ConfigError(
-            f"--config: {str(path)!r} has unknown key {unknown[0]!r} "
+            f"--config: {str(path)!r} has unknown key {_shown(unknown[0])} "
             f"(keys are option names in snake_case, such as poll_interval)"
         )
     if isinstance(data.get("run_id"), str):
@@ -256,23 +375,30 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def read_api_key(path: Path) -> SecretStr:
+    # The decode error would quote the key's bytes: say only that it is not UTF-8.
+    data = read_regular_file(path, API_KEY_FILE_CAP, "--api-key-file")
     try:
-        text = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise ConfigError(f"--api-key-file: file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
-        raise ConfigError(f"--api-key-file: cannot read {str(path)!r}: {reason}") from None
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"--api-key-file: {str(path)!r} is not UTF-8 text") from None
     if not text:
         raise ConfigError(f"--api-key-file: {str(path)!r} is empty")
     return _check_key(text, f"--api-key-file {str(path)!r}")
 
 
 def _check_key(key: str, source: str) -> SecretStr:
+    # Never echo the key itself, only where it came from.
+    if not key.isascii():
+        raise ConfigError(f"{source}: the API key contains non-ASCII characters")
     if any(ch.isspace() or not ch.isprintable() for ch in key):
-        # Never echo the key itself, only where it came from.
         raise ConfigError(f"{source}: the API key contains whitespace or control characters")
     return SecretStr(key)
+
+
+def _shown(value: Any, limit: int = 100) -> str:
+    """A value for an error message: one line, bounded, credentials in URLs hidden."""
+    text = repr(hide_userinfo(value) if isinstance(value, str) else value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _describe(name: str, sources: Mapping[str, str]) -> str:
@@ -283,15 +409,30 @@ def _describe(name: str, sources: Mapping[str, str]) -> str:
     return f"{option.flag} (from {source})"
 
 
+_TYPE_REASONS = {
+    "int_type": "must be a whole number",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+}
+
+
 def _validation_message(
     exc: ValidationError, values: Mapping[str, Any], sources: Mapping[str, str]
 ) -> str:
     error = exc.errors()[0]
-    name = str(error["loc"][0]) if error["loc"] else "configuration"
+    loc = error["loc"]
+    name = str(loc[0]) if loc else "configuration"
     value = values.get(name, error.get("input"))
-    reason = str(error["msg"]).removeprefix("Value error, ")
-    shown = f"{value!r}" if not isinstance(value, list | tuple) else ", ".join(map(str, value))
-    return f"{_describe(name, sources)}: invalid value {shown}: {reason}"
+    if len(loc) > 1 and isinstance(value, list | tuple) and isinstance(loc[1], int):
+        value = value[loc[1]]  # the one bad item of a list
+    reason = _TYPE_REASONS.get(error["type"], str(error["msg"]).removeprefix("Value error, "))
+    if error["type"] in _TYPE_REASONS and sources.get(name, "").startswith("config file"):
+        reason += f", not a TOML {_TOML_TYPES.get(type(value), type(value).__name__)}"
+    return f"{_describe(name, sources)}: invalid value {_shown(value)}: {reason}"
+
+
+_TOML_TYPES = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array"}
 
 
 def load_settings(
@@ -302,24 +443,28 @@ def load_settings(
     hostname: Callable[[], str] = socket.gethostname,
 ) -> Settings:
     """Parse, merge and validate; raise ConfigError (exit 2) on any bad input."""
-    flags = vars(build_parser().parse_args(argv))
-    env_values: dict[str, Any] = {}
-    for option in OPTIONS:
-        if option.env in environ:
-            env_values[option.name] = _from_env_text(option, environ[option.env])
-
+    given = vars(build_parser().parse_args(argv))
+    environment_given = {
+        option.name: environ[option.env] for option in OPTIONS if option.env in environ
+    }
+    flags = {name: _typed(name, value, "command line") for name, value in given.items()}
+    env_values = {
+        name: _typed(name, text, f"environment {_BY_NAME[name].env}")
+        for name, text in environment_given.items()
+    }
     config_path = flags.get("config", env_values.get("config"))
     file_values = _read_toml(Path(config_path)) if config_path else {}
 
     values: dict[str, Any] = {}
+    said: dict[str, Any] = {}  # each value as the user wrote it, for error messages
     sources: dict[str, str] = {}
-    for layer, label in (
-        (file_values, f"config file {config_path}"),
-        (env_values, "environment"),
-        (flags, "command line"),
+    for layer, raw, label in (
+        (file_values, file_values, f"config file {config_path}"),
+        (env_values, environment_given, "environment"),
+        (flags, given, "command line"),
     ):
         for name, value in layer.items():
-            values[name] = value
+            values[name], said[name] = value, raw[name]
             sources[name] = f"environment {_BY_NAME[name].env}" if label == "environment" else label
     values.setdefault("log_format", "console" if stdout_is_tty else "json")
     shown_shard = values.get("shard")
@@ -331,13 +476,14 @@ def load_settings(
     try:
         settings = Settings(**values)
     except ValidationError as exc:
-        raise ConfigError(_validation_message(exc, values, sources)) from None
+        raise ConfigError(_validation_message(exc, said, sources)) from None
     if settings.shard >= settings.total_shards:
         raise ConfigError(
             f"{_describe('shard', sources)}: invalid value {shown_shard}: "
             f"{_describe('total_shards', sources)} is {settings.total_shards}, so shards "
             f"are numbered 0 to {settings.total_shards - 1}"
         )
+    settings = _fit_fast_interval(settings, sources)
 
     if settings.demo:
         return settings
@@ -372,15 +518,25 @@ def _shard_from_hostname(hostname: str, sources: Mapping[str, str]) -> int:
     return ordinal
 
 
+def _fit_fast_interval(settings: Settings, sources: Mapping[str, str]) -> Settings:
+    """Transitional runs are never polled less often than settled ones.
+
+    A fast interval the user chose larger than the slow one is a mistake; the default one
+    simply follows a short `--poll-interval` down."""
+    fast, slow = settings.fast_poll_interval, settings.poll_interval
+    if fast <= slow:
+        return settings
+    if "fast_poll_interval" in sources:
+        raise ConfigError(
+            f"{_describe('fast_poll_interval', sources)}: invalid value {fast:g}: must not be "
+            f"longer than {_describe('poll_interval', sources)} {slow:g}"
+        )
+    return settings.model_copy(update={"fast_poll_interval": slow})
+
+
 def read_run_ids_file(path: Path) -> tuple[str, ...]:
     """One run ID a line; `#` starts a comment; blank lines are ignored; order kept, no repeats."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"--run-ids-file: file {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
-        raise ConfigError(f"--run-ids-file: cannot read {str(path)!r}: {reason}") from None
+    text = _read_text(path, RUN_IDS_FILE_CAP, "--run-ids-file")
     ids: dict[str, None] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         run_id = line.split("#", 1)[0].strip()

@@ -8,6 +8,7 @@ the set of watched runs (flags, the run-IDs file, discovery) and the process lif
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -89,6 +90,15 @@ def _stamp(path: Path) -> FileStamp | None:
     return FileStamp(info.st_mtime_ns, info.st_size, info.st_ino)
 
 
+def _load_run_ids_file(path: Path) -> tuple[FileStamp | None, tuple[str, ...] | None, str]:
+    """(stamp, IDs or None, why not): the stamp is taken first so no edit goes unnoticed."""
+    stamp = _stamp(path)
+    try:
+        return stamp, read_run_ids_file(path), ""
+    except ConfigError as exc:
+        return stamp, None, str(exc)
+
+
 class Watcher:
     """One watcher instance; everything it owns hangs off here, nothing is global."""
 
@@ -140,6 +150,7 @@ class Watcher:
         self._skipped_entries: dict[str, None] = {}  # list entries already warned about
         self._unexported: set[str] = set()  # runs whose last observation could not be rendered
         self._file_stamp: FileStamp | None = None
+        self._reload_requested = asyncio.Event()
         # Longest a healthy poll can take: every attempt at its deadline plus capped waits.
         self._poll_limit = (settings.request_timeout + RETRY_AFTER_CAP) * (
             settings.max_retries + 1
@@ -173,17 +184,21 @@ class Watcher:
             else:
                 self._awaiting_first_poll.add(run_id)
 
-    def reload_run_ids_file(self, reason: str) -> None:
+    def request_run_ids_reload(self) -> None:
+        """Re-read the run-IDs file soon (SIGHUP), even if it looks unchanged."""
+        self._reload_requested.set()
+
+    async def reload_run_ids_file(self, reason: str) -> None:
         path = self.settings.run_ids_file
         if path is None:
             return
-        self._file_stamp = _stamp(path)
-        try:
-            ids = tuple(filter(self.shard.owns, read_run_ids_file(path)))
-        except ConfigError as exc:
+        # Off the event loop: a file of up to 16 MB takes a while to read and check.
+        self._file_stamp, ids, error = await asyncio.to_thread(_load_run_ids_file, path)
+        if ids is None:
             # Keep watching what we had: a half-written file must not drop every run.
-            self.log.error("run_ids_file_invalid", path=str(path), error=str(exc), reason=reason)
+            self.log.error("run_ids_file_invalid", path=str(path), error=error, reason=reason)
             return
+        ids = tuple(filter(self.shard.owns, ids))
         if ids != self._file_ids:
             self.log.info("run_ids_file_loaded", path=str(path), runs=len(ids), reason=reason)
         self._file_ids = ids
@@ -195,9 +210,13 @@ class Watcher:
         path = self.settings.run_ids_file
         assert path is not None
         while True:
-            await asyncio.sleep(FILE_CHECK_INTERVAL)
-            if _stamp(path) != self._file_stamp:
-                self.reload_run_ids_file("changed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reload_requested.wait(), FILE_CHECK_INTERVAL)
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                await self.reload_run_ids_file("SIGHUP")
+            elif _stamp(path) != self._file_stamp:
+                await self.reload_run_ids_file("changed")
 
     # --- list mode and discovery --------------------------------------------------------
 
@@ -498,7 +517,7 @@ class Watcher:
             on_listening(server.port)
         if self.store is not None:
             self._saved = await asyncio.to_thread(self.store.open)
-        self.reload_run_ids_file("start")
+        await self.reload_run_ids_file("start")
         desired = self.desired_runs()
         # In list mode the first list gets a chance to answer before runs are polled one by one:
         # the runs it returns are then not polled on their own at all.
