@@ -37,7 +37,7 @@ RUNBOOK_URL ?= https://github.com/loops-watcher/loops-watcher/blob/main/deploy/R
 
 runbook-url:
 	sed -i -E 's|(runbook_url: "?)[^"#]*#|\1$(RUNBOOK_URL)#|' deploy/prometheus/alerts.yml \
-		deploy/prometheus/alerts_test.yml deploy/kubernetes/prometheusrule.yaml
+		deploy/prometheus/alerts_test.yml deploy/kubernetes/base/prometheusrule.yaml
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

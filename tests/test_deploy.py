@@ -8,6 +8,7 @@ the image is too slow for this suite; it is verified by hand with buildah (see t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from watcher.config import load_settings
 from watcher.model import SAMPLER_STATUSES
 from watcher.scheduler import JITTER, MAX_BACKOFF
 
@@ -33,6 +35,7 @@ ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
 RUNBOOK = DEPLOY / "RUNBOOK.md"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "loops-watcher.json"
 KUBERNETES = DEPLOY / "kubernetes"
+PROMETHEUS_RULE = KUBERNETES / "base" / "prometheusrule.yaml"
 CONTRACT_MD = ROOT.parent / "shared" / "CONTRACT.md"
 
 # The metric table of the contract (shared/CONTRACT.md): name -> (type, labels).
@@ -411,12 +414,12 @@ def test_make_runbook_url_points_every_link_at_one_new_place(tmp_path: Path) -> 
         "make", "-s", "-f", ROOT / "Makefile", "runbook-url", f"RUNBOOK_URL={new}", cwd=copy
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    for path in (ALERTS, ALERTS_TEST, KUBERNETES / "prometheusrule.yaml"):
+    for path in (ALERTS, ALERTS_TEST, PROMETHEUS_RULE):
         text = (copy / path.relative_to(ROOT)).read_text(encoding="utf-8")
         links = re.findall(r"runbook_url: \"?([^\"\n]+)", text)
         assert links, path
         assert {link.partition("#")[0] for link in links} == {new}, path
-    (rule,) = load_yaml_docs(copy / (KUBERNETES / "prometheusrule.yaml").relative_to(ROOT))
+    (rule,) = load_yaml_docs(copy / (PROMETHEUS_RULE).relative_to(ROOT))
     assert rule["spec"]["groups"] == load_yaml(copy / ALERTS.relative_to(ROOT))["groups"]
     promtool = tool("promtool", "prometheus")
     tested = run(promtool, "test", "rules", copy / ALERTS_TEST.relative_to(ROOT))
@@ -445,9 +448,9 @@ def test_backoff_never_stretches_a_poll_past_the_windows_of_alerts_watching_it()
 
 
 def test_prometheusrule_carries_exactly_the_groups_of_alerts_yml() -> None:
-    (rule,) = load_yaml_docs(KUBERNETES / "prometheusrule.yaml")
+    (rule,) = load_yaml_docs(PROMETHEUS_RULE)
     assert rule["spec"]["groups"] == load_yaml(ALERTS)["groups"], (
-        "deploy/kubernetes/prometheusrule.yaml differs from deploy/prometheus/alerts.yml: "
+        "deploy/kubernetes/base/prometheusrule.yaml differs from deploy/prometheus/alerts.yml: "
         "copy the groups of alerts.yml into its spec"
     )
 
@@ -762,31 +765,71 @@ def test_every_dashboard_query_returns_data_from_contract_metrics(tmp_path: Path
 # --- Kubernetes ------------------------------------------------------------------------------
 
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+BASE = KUBERNETES / "base"
+LAYOUTS = {"base": BASE, "ha": KUBERNETES / "overlays" / "ha"}
+LAYOUTS["sharded"] = KUBERNETES / "overlays" / "sharded"
+COMMON_KINDS = ["ServiceAccount", "ConfigMap", "Service", "NetworkPolicy", *CRD_KINDS]
+KINDS = {
+    "base": [*COMMON_KINDS, "Deployment"],
+    "ha": [*COMMON_KINDS, "Deployment", "PodDisruptionBudget"],
+    "sharded": [*COMMON_KINDS, "StatefulSet"],
+}
+WORKLOADS = {"Deployment", "StatefulSet"}
 
 
-def manifests() -> dict[str, list[dict[str, Any]]]:
-    return {
-        path.name: load_yaml_docs(path)
-        for path in sorted(KUBERNETES.glob("*.yaml"))
-        if path.name != "kustomization.yaml"
-    }
+@functools.cache
+def rendered(directory: Path) -> str:
+    kubectl = tool("kubectl", "kubectl (its built-in kustomize renders the manifests)")
+    result = run(kubectl, "kustomize", directory)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
-def resource(kind: str) -> dict[str, Any]:
-    (found,) = [doc for docs in manifests().values() for doc in docs if doc["kind"] == kind]
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize` renders from a kustomization (fresh copies)."""
+    return [doc for doc in yaml.safe_load_all(rendered(directory)) if doc]
+
+
+def resource(kind: str, layout: str = "base") -> dict[str, Any]:
+    (found,) = [doc for doc in kustomize(LAYOUTS[layout]) if doc["kind"] == kind]
     return found
 
 
-def test_kustomization_lists_every_manifest_but_the_example_secret() -> None:
-    kustomization = load_yaml(KUBERNETES / "kustomization.yaml")
-    assert "namespace" not in kustomization, "the namespace is the user's choice"
+def workload(layout: str) -> dict[str, Any]:
+    (found,) = [doc for doc in kustomize(LAYOUTS[layout]) if doc["kind"] in WORKLOADS]
+    return found
+
+
+def container_env(pod: dict[str, Any]) -> dict[str, str]:
+    (container,) = pod["containers"]
+    return {item["name"]: item["value"] for item in container.get("env", [])}
+
+
+def example_secret() -> dict[str, Any]:
+    (secret,) = load_yaml_docs(BASE / "secret.example.yaml")
+    return secret
+
+
+def test_kustomizations_list_every_manifest_but_the_example_secret() -> None:
+    kustomization = load_yaml(BASE / "kustomization.yaml")
     listed = kustomization["resources"]
     assert len(listed) == len(set(listed))
-    assert set(listed) == set(manifests()) - {"secret.example.yaml"}
-    images = {image["name"] for image in kustomization["images"]}
-    assert images == {
-        resource("Deployment")["spec"]["template"]["spec"]["containers"][0]["image"].split(":")[0]
-    }
+    manifests = {path.name for path in BASE.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(listed) == manifests - {"secret.example.yaml"}
+    (generated,) = kustomization["configMapGenerator"]
+    assert generated["files"] == ["config.toml"]
+    (image,) = kustomization["images"]
+    (source,) = load_yaml(BASE / "deployment.yaml")["spec"]["template"]["spec"]["containers"]
+    assert source["image"].split(":")[0] == image["name"]
+    (container,) = resource("Deployment")["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == f"{image['newName']}:{image['newTag']}"
+    for layout, directory in LAYOUTS.items():
+        overlay = load_yaml(directory / "kustomization.yaml")
+        assert "namespace" not in overlay, "the namespace is the user's choice"
+        if layout != "base":
+            assert overlay["resources"][0] == "../../base"
+            for patch in overlay.get("patches", []):
+                assert "path" not in patch or (directory / patch["path"]).exists()
 
 
 def validate_core(doc: dict[str, Any], where: str) -> None:
@@ -800,20 +843,21 @@ def validate_core(doc: dict[str, Any], where: str) -> None:
     pytest.fail(problem)
 
 
-def test_manifests_validate_against_kubernetes_1_30_strictly() -> None:
-    kinds = []
-    for name, docs in manifests().items():
-        for doc in docs:
-            kinds.append(doc["kind"])
-            if doc["kind"] in CRD_KINDS:
-                # No schema ships for the Prometheus Operator's CRDs: checked structurally below.
-                assert doc["apiVersion"] == "monitoring.coreos.com/v1"
-                assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}
-            else:
-                validate_core(doc, name)
-    assert sorted(kinds) == sorted(
-        ["ConfigMap", "Deployment", "Secret", "Service", "ServiceMonitor", "PrometheusRule"]
-    )
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rendered_objects_validate_against_kubernetes_1_30_strictly(layout: str) -> None:
+    docs = kustomize(LAYOUTS[layout])
+    assert sorted(doc["kind"] for doc in docs) == sorted(KINDS[layout])
+    for doc in docs:
+        if doc["kind"] in CRD_KINDS:
+            # No schema ships for the Prometheus Operator's CRDs: checked structurally below.
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+            assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}
+        else:
+            validate_core(doc, f"kubectl kustomize {LAYOUTS[layout].relative_to(ROOT)}:")
+
+
+def test_example_secret_validates_strictly() -> None:
+    validate_core(example_secret(), "secret.example.yaml")
 
 
 def test_strict_validation_rejects_an_unknown_field() -> None:
@@ -823,22 +867,13 @@ def test_strict_validation_rejects_an_unknown_field() -> None:
         kubernetes_validate.validate(deployment, "1.30.0", strict=True)
 
 
-def test_kustomize_renders_valid_resources() -> None:
-    kubectl = tool("kubectl", "kubectl", required_in_ci=False)
-    result = run(kubectl, "kustomize", KUBERNETES)
-    assert result.returncode == 0, result.stderr
-    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-    assert sorted(doc["kind"] for doc in docs) == sorted(
-        ["ConfigMap", "Deployment", "Service", "ServiceMonitor", "PrometheusRule"]
-    )
-    for doc in docs:
-        if doc["kind"] not in CRD_KINDS:
-            validate_core(doc, "kubectl kustomize output")
-
-
-def test_pod_is_hardened() -> None:
-    pod = resource("Deployment")["spec"]["template"]["spec"]
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pod_is_hardened(layout: str) -> None:
+    pod = workload(layout)["spec"]["template"]["spec"]
     uid, gid = image_user()
+    account = resource("ServiceAccount", layout)
+    assert pod["serviceAccountName"] == account["metadata"]["name"], "not the default account"
+    assert account["automountServiceAccountToken"] is False
     assert pod["automountServiceAccountToken"] is False
     context = pod["securityContext"]
     assert context["runAsNonRoot"] is True
@@ -858,17 +893,18 @@ def test_pod_is_hardened() -> None:
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
 
 
-def test_service_and_servicemonitor_reach_the_pod_under_the_alerts_job_name() -> None:
-    deployment = resource("Deployment")
-    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-    port_name = deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["name"]
-    service = resource("Service")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_service_and_servicemonitor_reach_the_pod_under_the_alerts_job_name(layout: str) -> None:
+    pods = workload(layout)
+    pod_labels = pods["spec"]["template"]["metadata"]["labels"]
+    assert pods["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    port_name = pods["spec"]["template"]["spec"]["containers"][0]["ports"][0]["name"]
+    service = resource("Service", layout)
     assert service["metadata"]["name"] == JOB, "the operator names the scrape job after it"
     assert service["spec"]["selector"].items() <= pod_labels.items()
     (service_port,) = service["spec"]["ports"]
     assert service_port["targetPort"] == port_name
-    monitor = resource("ServiceMonitor")
+    monitor = resource("ServiceMonitor", layout)
     assert (
         monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     )
@@ -877,21 +913,43 @@ def test_service_and_servicemonitor_reach_the_pod_under_the_alerts_job_name() ->
     assert endpoint["path"] == "/metrics"
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_network_policy_admits_only_scrapes_from_monitoring_and_only_dns_and_https_out(
+    layout: str,
+) -> None:
+    policy = resource("NetworkPolicy", layout)["spec"]
+    pod_labels = workload(layout)["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    (ingress,) = policy["ingress"]
+    assert ingress["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    assert ingress["ports"] == [{"port": DEFAULT_PORT, "protocol": "TCP"}]
+    egress = [
+        (port["port"], port["protocol"]) for rule in policy["egress"] for port in rule["ports"]
+    ]
+    assert sorted(egress) == [(53, "TCP"), (53, "UDP"), (443, "TCP")]
+    assert all(set(rule) == {"ports"} for rule in policy["egress"]), "to anywhere, on those ports"
+
+
 def config_toml() -> dict[str, Any]:
-    return tomllib.loads(resource("ConfigMap")["data"]["config.toml"])
+    return tomllib.loads((BASE / "config.toml").read_text(encoding="utf-8"))
 
 
 def test_configmap_config_matches_the_mounts_and_ports() -> None:
     config = config_toml()
     assert set(config) <= CONTRACT_OPTIONS
+    generated = resource("ConfigMap")
+    assert generated["data"] == {"config.toml": (BASE / "config.toml").read_text(encoding="utf-8")}
     pod = resource("Deployment")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     config_volume = next(n for n, v in volumes.items() if "configMap" in v)
-    assert volumes[config_volume]["configMap"]["name"] == resource("ConfigMap")["metadata"]["name"]
+    assert volumes[config_volume]["configMap"]["name"] == generated["metadata"]["name"]
     assert container["args"] == ["--config", f"{mounts[config_volume]}/config.toml"]
-    secret = resource("Secret")
+    secret = example_secret()
     (key_name,) = secret["stringData"]
     assert secret["stringData"][key_name] == "replace-me"
     key_volume = next(n for n, v in volumes.items() if "secret" in v)
@@ -902,21 +960,102 @@ def test_configmap_config_matches_the_mounts_and_ports() -> None:
     assert config.get("run_id") or config.get("discover"), "something to watch"
 
 
+def test_a_configuration_edit_rolls_the_pods(tmp_path: Path) -> None:
+    shutil.copytree(KUBERNETES, tmp_path / "kubernetes")
+    config = tmp_path / "kubernetes" / "base" / "config.toml"
+    config.write_text(config.read_text(encoding="utf-8").replace('"info"', '"debug"'))
+    for layout, directory in LAYOUTS.items():
+        edited = kustomize(tmp_path / "kubernetes" / directory.relative_to(KUBERNETES))
+        (configmap,) = [doc for doc in edited if doc["kind"] == "ConfigMap"]
+        name = configmap["metadata"]["name"]
+        assert name != resource("ConfigMap", layout)["metadata"]["name"], "a new name: a new pod"
+        assert name.startswith("loops-watcher-config-")
+        (pods,) = [doc for doc in edited if doc["kind"] in WORKLOADS]
+        sources = [v["configMap"]["name"] for v in pods["spec"]["template"]["spec"]["volumes"]
+                   if "configMap" in v]  # fmt: skip
+        assert sources == [name]
+
+
 def test_configmap_config_is_accepted_by_the_watcher(tmp_path: Path) -> None:
-    (tmp_path / "config.toml").write_text(resource("ConfigMap")["data"]["config.toml"])
     (tmp_path / "api-key").write_text("fake-key-for-tests\n")
     result = run(
         sys.executable,
         "-m",
         "watcher",
         "--config",
-        tmp_path / "config.toml",
+        BASE / "config.toml",
         "--api-key-file",
         tmp_path / "api-key",
         "--check-config",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fake-key-for-tests" not in result.stdout + result.stderr
+
+
+def test_ha_runs_two_replicas_apart_that_never_both_stop() -> None:
+    deployment = resource("Deployment", "ha")
+    spec = deployment["spec"]
+    pod_labels = spec["template"]["metadata"]["labels"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    (term,) = spec["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert (
+        term["podAffinityTerm"]["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    )
+    budget = resource("PodDisruptionBudget", "ha")["spec"]
+    assert budget["minAvailable"] == 1
+    assert budget["selector"]["matchLabels"].items() <= pod_labels.items()
+    # Everything else about the pod is the base's.
+    base_pod = resource("Deployment")["spec"]["template"]["spec"]
+    assert {k: v for k, v in spec["template"]["spec"].items() if k != "affinity"} == base_pod
+
+
+def test_sharded_gives_each_statefulset_pod_its_shard_and_its_own_state_volume(
+    tmp_path: Path,
+) -> None:
+    shards = resource("StatefulSet", "sharded")
+    spec = shards["spec"]
+    pod = spec["template"]["spec"]
+    env = container_env(pod)
+    assert env["LOOPS_WATCHER_SHARD"] == "auto"
+    assert int(env["LOOPS_WATCHER_TOTAL_SHARDS"]) == spec["replicas"] > 1
+    assert spec["podManagementPolicy"] == "Parallel"
+    service = resource("Service", "sharded")
+    assert spec["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None", "a StatefulSet's pods take their DNS from it"
+
+    # The state file lives on a claim per pod, not on the base's emptyDir.
+    state_dir = str(Path(env["LOOPS_WATCHER_STATE_FILE"]).parent)
+    (container,) = pod["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == state_dir]
+    (claim,) = spec["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == mount["name"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert mount["name"] not in {volume["name"] for volume in pod["volumes"]}
+
+    # Pod <name>-<i> reads shard i of the total from its hostname, with the shipped config.
+    (tmp_path / "api-key").write_text("fake-key-for-tests\n")
+    argv = ["--config", str(BASE / "config.toml"), "--api-key-file", str(tmp_path / "api-key")]
+    for ordinal in range(spec["replicas"]):
+        hostname = functools.partial(str, f"{shards['metadata']['name']}-{ordinal}")
+        settings = load_settings(argv, env, stdout_is_tty=False, hostname=hostname)
+        assert (settings.shard, settings.total_shards) == (ordinal, spec["replicas"])
+
+    # Everything else about the pod is the base's.
+    base_pod = resource("Deployment")["spec"]["template"]["spec"]
+    assert {k: v for k, v in pod.items() if k not in {"containers", "volumes"}} == {
+        k: v for k, v in base_pod.items() if k not in {"containers", "volumes"}
+    }
+    (base_container,) = base_pod["containers"]
+    assert {k: v for k, v in container.items() if k not in {"env", "volumeMounts"}} == {
+        k: v for k, v in base_container.items() if k not in {"env", "volumeMounts"}
+    }
 
 
 def test_image_compose_and_pod_keep_the_state_file_on_a_volume_the_user_can_write() -> None:
