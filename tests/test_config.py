@@ -518,3 +518,108 @@ def test_a_non_ascii_key_is_one_clear_error(tmp_path: Path, key: str) -> None:
     key_file.write_bytes(b"key\xff0000\n")
     with pytest.raises(ConfigError, match=r"--api-key-file: .* is not UTF-8 text$"):
         load(["--run-id", "a", "--api-key-file", str(key_file)])
+
+
+# --- durations, suggestions, the demo on loopback ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30s", 30),
+        ("5m", 300),
+        ("1h", 3600),
+        ("1h30m", 5400),
+        ("1d", 86400),
+        ("500ms", 0.5),
+        ("1m30s250ms", 90.25),
+        ("45", 45),
+        ("0.5", 0.5),
+    ],
+)
+def test_every_seconds_option_takes_prometheus_durations(text: str, seconds: float) -> None:
+    assert load(["--run-id", "a", "--poll-interval", text]).poll_interval == seconds
+    env = {"LOOPS_WATCHER_FAST_POLL_INTERVAL": text, "LOOPS_WATCHER_POLL_INTERVAL": "1d"}
+    assert load(["--run-id", "a"], env).fast_poll_interval == seconds
+    if seconds <= 600:
+        assert load(["--run-id", "a", "--request-timeout", text]).request_timeout == seconds
+
+
+def test_durations_in_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "w.toml"
+    config.write_text('run_id = ["a"]\npoll_interval = "5m"\nfast_poll_interval = 10\n')
+    settings = load(["--config", str(config)])
+    assert (settings.poll_interval, settings.fast_poll_interval) == (300, 10)
+
+
+@pytest.mark.parametrize("text", ["5x", "m5", "1m1h", "5 m", "1.5m", "-5s", ""])
+def test_a_malformed_duration_is_refused(text: str) -> None:
+    with pytest.raises(
+        ConfigError, match=r"--poll-interval .*not a duration: use seconds \(30, 0.5\) or 30s, 5m"
+    ):
+        load(["--run-id", "a", f"--poll-interval={text}"])
+
+
+def test_an_unknown_flag_gets_a_suggestion(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        load(["--run-id", "a", "--pol-interval", "5", "--run-ids", "x", "--zzz"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--pol-interval (did you mean --poll-interval?)" in err
+    assert "--run-ids (did you mean --run-id?)" in err
+    assert "--zzz (see --help)" in err  # nothing close: no guess
+    assert "'5'" not in err
+
+
+def test_an_unknown_config_key_gets_a_suggestion(tmp_path: Path) -> None:
+    config = tmp_path / "w.toml"
+    config.write_text("fast_pol_interval = 3\n")
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'fast_pol_interval' \(did you mean fast_poll_interval\?\)$"
+    ):
+        load(["--config", str(config), "--run-id", "a"])
+    config.write_text("zzz = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'zzz' \(keys are option names"):
+        load(["--config", str(config), "--run-id", "a"])
+
+
+def test_an_unknown_watcher_variable_gets_a_suggestion_and_never_its_value() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"^environment LOOPS_WATCHER_POLL_INTERVALL: not an option "
+        r"\(did you mean LOOPS_WATCHER_POLL_INTERVAL\?\)$",
+    ):
+        load(["--run-id", "a"], {"LOOPS_WATCHER_POLL_INTERVALL": "5"})
+    with pytest.raises(ConfigError, match="LOOPS_WATCHER_API_KEY: not an option") as caught:
+        load(["--run-id", "a"], {"LOOPS_WATCHER_API_KEY": "pasted-secret-0000"})
+    assert "pasted-secret" not in str(caught.value)
+    assert "BASETEN_API_KEY" in str(caught.value)
+
+
+def test_variables_kubernetes_injects_for_the_service_stay_silent() -> None:
+    env = {
+        "LOOPS_WATCHER_PORT": "tcp://10.0.0.1:9877",
+        "LOOPS_WATCHER_SERVICE_HOST": "10.0.0.1",
+        "LOOPS_WATCHER_SERVICE_PORT": "9877",
+        "LOOPS_WATCHER_SERVICE_PORT_METRICS": "9877",
+        "LOOPS_WATCHER_PORT_9877_TCP": "tcp://10.0.0.1:9877",
+        "LOOPS_WATCHER_PORT_9877_TCP_ADDR": "10.0.0.1",
+        "LOOPS_WATCHER_PORT_9877_TCP_PORT": "9877",
+        "LOOPS_WATCHER_PORT_9877_TCP_PROTO": "tcp",
+    }
+    assert load(["--run-id", "a"], env).run_id == ("a",)
+    with pytest.raises(ConfigError, match="LOOPS_WATCHER_LISTEN_PORT: not an option"):
+        load(["--run-id", "a"], {"LOOPS_WATCHER_LISTEN_PORT": "9877"})
+
+
+def test_the_demo_listens_on_loopback_unless_told_otherwise() -> None:
+    assert load(["--demo"]).listen_address == "127.0.0.1:9877"
+    assert load(["--demo", "--listen-address", "0.0.0.0:9877"]).listen_address == "0.0.0.0:9877"
+    env = {"LOOPS_WATCHER_LISTEN_ADDRESS": "[::]:9000"}
+    assert load(["--demo"], env).listen_address == "[::]:9000"
+    assert load(["--run-id", "a"]).listen_address == "0.0.0.0:9877"
+
+
+def test_output_is_table_or_json() -> None:
+    assert load(["--run-id", "a", "--once"]).output == "table"
+    assert load(["--run-id", "a", "--once", "--output", "json"]).output == "json"

@@ -845,7 +845,7 @@ def test_once_prints_a_table_and_exits_by_what_it_found(
     watched = [*ONCE_RUNS, *extra]
     finished = run_watcher(*watch(served.url, watched), "--once")
     assert finished.returncode == code, finished.stdout + finished.stderr
-    rows = finished.stdout.splitlines()
+    *rows, summary = finished.stdout.splitlines()
     assert rows[0].split()[:3] == ["RUN", "NAME", "SAMPLER"]
     by_run = {row.split()[0]: row for row in rows[1:]}
     assert set(by_run) == set(watched)
@@ -853,4 +853,9 @@ def test_once_prints_a_table_and_exits_by_what_it_found(
         assert (status or "(no sampler)") in by_run[run_id]
     if code == 3:
         assert "unreadable: not_found" in by_run["once-missing"]
+        assert summary == f"1 run unreadable: 404 Not Found from {served.url}; check the run IDs"
+    elif code == 1:
+        assert summary.startswith("1 run failing: name-once-")
+    else:
+        assert summary == "3 runs read, none failing"
     assert FAKE_KEY not in finished.stdout + finished.stderr

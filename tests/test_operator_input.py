@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import threading
+import tomllib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -235,3 +236,107 @@ def test_a_key_with_quotes_echoed_by_the_api_never_shows(
     everything = "\n".join((watcher.all_output(), *pages))
     for form in (key, json.dumps(key)[1:-1], repr(key)[1:-1], 'FAKE"key', 'FAKE\\"key'):
         assert form not in everything
+
+
+# --- --once for people and for scripts ---------------------------------------------------------
+
+
+def test_once_shows_only_warnings_then_the_table_then_one_line_naming_the_cause(
+    start_simulator: StartSimulator,
+) -> None:
+    served = start_simulator(dict.fromkeys(("once-a", "once-b", "once-c"), "ACTIVE"))
+    args = ("--api-url", served.url, *FAST, "--run-id", "once-a", "--run-id", "once-b")
+    finished = run_watcher(
+        *args, "--run-id", "once-c", "--once", "--log-format", "console",
+        env=watcher_env(api_key="e2e-wrong-key-0000"),
+    )  # fmt: skip
+    assert finished.returncode == 3, finished.stdout + finished.stderr
+    *table, summary = finished.stdout.splitlines()
+    assert len(table) == 4
+    assert summary == (
+        f"3 runs unreadable: 401 Unauthorized from {served.url}; check BASETEN_API_KEY"
+    )
+    logged = finished.stderr.splitlines()
+    assert logged
+    assert all(" WARN " in line or " ERROR " in line for line in logged), logged
+    assert any("API key rejected" in line for line in logged)
+    assert all(len(line) < 200 for line in logged)
+
+    chosen = run_watcher(*args, "--once", "--log-level", "info", "--log-format", "json")
+    assert chosen.returncode == 0
+    assert {json.loads(line)["event"] for line in chosen.stderr.splitlines()} >= {
+        "sampler_status_observed"
+    }
+    assert chosen.stdout.splitlines()[-1] == "2 runs read, none failing"
+
+
+def test_once_output_json_is_the_table_for_scripts(start_simulator: StartSimulator) -> None:
+    served = start_simulator({"json-ok": "ACTIVE", "json-failed": "FAILED", "json-none": None})
+    finished = run_watcher(
+        "--api-url", served.url, *FAST, "--run-id", "json-ok", "--run-id", "json-failed",
+        "--run-id", "json-none", "--run-id", "json-missing", "--once", "--output", "json",
+    )  # fmt: skip
+    assert finished.returncode == 1
+    found = json.loads(finished.stdout)
+    assert found["exit_code"] == 1
+    assert found["summary"].startswith("1 run failing: name-json-failed FAILED; 1 run unreadable")
+    by_run = {row["run_id"]: row for row in found["runs"]}
+    assert list(by_run) == ["json-failed", "json-missing", "json-none", "json-ok"]
+    assert by_run["json-ok"]["sampler_status"] == "ACTIVE"
+    assert by_run["json-ok"]["result"] == "ok"
+    assert by_run["json-ok"]["run_name"] == "name-json-ok"
+    assert by_run["json-ok"]["created_at"].endswith("Z")
+    assert by_run["json-none"]["sampler_status"] is None
+    assert by_run["json-missing"] == {
+        "run_id": "json-missing", "run_name": None, "sampler_status": None,
+        "created_at": None, "observed_at": None, "age_seconds": None, "model_id": None,
+        "deployment_id": None, "result": "not_found",
+    }  # fmt: skip
+
+
+def test_an_unknown_variable_exits_2_with_a_suggestion_and_kubernetes_ones_are_silent() -> None:
+    kubernetes = {
+        "LOOPS_WATCHER_PORT": "tcp://10.0.0.1:9877",
+        "LOOPS_WATCHER_PORT_9877_TCP_ADDR": "10.0.0.1",
+        "LOOPS_WATCHER_SERVICE_HOST": "10.0.0.1",
+    }
+    quiet = run_watcher(*API, "--run-id", "a1", "--check-config", env=watcher_env(**kubernetes))
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""
+    typo = run_watcher(
+        *API, "--run-id", "a1", env=watcher_env(**kubernetes, LOOPS_WATCHER_POLL_INTERVL="5m")
+    )
+    assert typo.returncode == 2
+    assert typo.stderr == (
+        "loops-watcher: error: environment LOOPS_WATCHER_POLL_INTERVL: not an option "
+        "(did you mean LOOPS_WATCHER_POLL_INTERVAL?)\n"
+    )
+
+
+def test_the_demo_serves_on_loopback_unless_told_otherwise() -> None:
+    finished = run_watcher("--demo", "--check-config", env=watcher_env(api_key=None))
+    assert 'listen_address = "127.0.0.1:9877"' in finished.stdout
+    told = run_watcher(
+        "--demo",
+        "--listen-address",
+        "0.0.0.0:9877",
+        "--check-config",
+        env=watcher_env(api_key=None),
+    )
+    assert 'listen_address = "0.0.0.0:9877"' in told.stdout
+
+
+def test_seconds_options_take_durations_end_to_end(tmp_path: Path) -> None:
+    config = tmp_path / "w.toml"
+    config.write_text('run_id = ["a1"]\nrequest_timeout = "1m"\n')
+    finished = run_watcher(
+        *API, "--config", str(config), "--poll-interval", "1h", "--check-config",
+        env=watcher_env(LOOPS_WATCHER_FAST_POLL_INTERVAL="1m30s"),
+    )  # fmt: skip
+    assert finished.returncode == 0, finished.stderr
+    shown = tomllib.loads(finished.stdout)
+    assert (shown["poll_interval"], shown["fast_poll_interval"], shown["request_timeout"]) == (
+        3600,
+        90,
+        60,
+    )

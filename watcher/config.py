@@ -8,13 +8,14 @@ value becomes a `ConfigError` whose message names the option, where it came from
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
 import re
 import socket
 import stat
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
@@ -59,9 +60,36 @@ def _finite(value: float) -> float:
     return value
 
 
-Interval = Annotated[
-    float, Field(ge=MIN_SECONDS, le=MAX_INTERVAL, strict=True), AfterValidator(_finite)
-]
+# Prometheus's duration syntax: units from largest to smallest, each at most once.
+_DURATION = re.compile(
+    r"(?:(?P<y>\d+)y)?(?:(?P<w>\d+)w)?(?:(?P<d>\d+)d)?(?:(?P<h>\d+)h)?"
+    r"(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s)?(?:(?P<ms>\d+)ms)?"
+)
+_UNIT_SECONDS = {"y": 365 * 86_400, "w": 7 * 86_400, "d": 86_400, "h": 3_600, "m": 60, "s": 1}
+
+
+def parse_duration(value: object) -> object:
+    """Seconds from a number or a Prometheus-style duration (`30s`, `5m`, `1h30m`, `500ms`).
+
+    A plain number is seconds, as the option names say; anything else but text is left for
+    strict validation to refuse (a TOML `true` is not a duration)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    match = _DURATION.fullmatch(text)
+    if not text or match is None:
+        raise ValueError("not a duration: use seconds (30, 0.5) or 30s, 5m, 1h, 1h30m, 500ms")
+    parts = match.groupdict()
+    seconds = sum(int(parts[unit] or 0) * size for unit, size in _UNIT_SECONDS.items())
+    return seconds + int(parts["ms"] or 0) / 1000
+
+
+# A seconds option; each field adds its bounds with `Field(ge=..., le=..., strict=True)`.
+Seconds = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_finite)]
 
 
 def check_run_id(run_id: str) -> str:
@@ -137,11 +165,11 @@ class Settings(BaseModel):
     run_ids_file: Path | None = None
     discover: Literal["own", "org"] | None = None
     discover_base_model: str | None = None
-    poll_interval: Interval = 30.0
-    fast_poll_interval: Interval = 5.0
-    request_timeout: Annotated[
-        float, Field(ge=MIN_SECONDS, le=MAX_REQUEST_TIMEOUT, strict=True), AfterValidator(_finite)
-    ] = 10.0
+    poll_interval: Seconds = Field(default=30.0, ge=MIN_SECONDS, le=MAX_INTERVAL, strict=True)
+    fast_poll_interval: Seconds = Field(default=5.0, ge=MIN_SECONDS, le=MAX_INTERVAL, strict=True)
+    request_timeout: Seconds = Field(
+        default=10.0, ge=MIN_SECONDS, le=MAX_REQUEST_TIMEOUT, strict=True
+    )
     max_retries: int = Field(default=3, ge=0, le=10, strict=True)
     max_concurrency: int = Field(default=16, ge=1, le=1024, strict=True)
     max_requests_per_second: Annotated[
@@ -159,6 +187,7 @@ class Settings(BaseModel):
     demo: bool = Field(default=False, strict=True)
     check_config: bool = Field(default=False, strict=True)
     once: bool = Field(default=False, strict=True)
+    output: Literal["table", "json"] = "table"
     # Not an option: loaded from --api-key-file or BASETEN_API_KEY, never from a flag.
     api_key: SecretStr | None = None
 
@@ -182,7 +211,7 @@ class Settings(BaseModel):
 @dataclass(frozen=True, slots=True)
 class Option:
     name: str  # snake_case: the TOML key and the Settings field
-    kind: Literal["str", "path", "int", "float", "bool", "list"]
+    kind: Literal["str", "path", "int", "float", "seconds", "bool", "list"]
     help: str
     metavar: str | None = None
     choices: tuple[str, ...] | None = None
@@ -210,9 +239,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("run_ids_file", "path", "file with one run ID a line; re-read on change", "PATH"),
     Option("discover", "str", "also watch every run the key can list", choices=("own", "org")),
     Option("discover_base_model", "str", "with --discover: only runs of this base model", "MODEL"),
-    Option("poll_interval", "float", "seconds between polls of a settled run (30)", "SECONDS"),
-    Option("fast_poll_interval", "float", "seconds between polls of a changing run (5)", "SECONDS"),
-    Option("request_timeout", "float", "deadline for one HTTP attempt, body included (10)", "S"),
+    Option("poll_interval", "seconds", "interval between polls of a settled run (30s)", "SECONDS"),
+    Option("fast_poll_interval", "seconds", "interval for a changing run (5s)", "SECONDS"),
+    Option("request_timeout", "seconds", "deadline for one HTTP attempt, body included (10s)", "S"),
     Option("max_retries", "int", "retries of one poll on transient failure (3)", "N"),
     Option("max_concurrency", "int", "requests in flight at once (16)", "N"),
     Option("max_requests_per_second", "float", "global cap on requests to the API (20)", "R"),
@@ -226,10 +255,23 @@ OPTIONS: tuple[Option, ...] = (
     Option("demo", "bool", "watch the built-in Loops API simulator; no key needed"),
     Option("check_config", "bool", "validate and print the effective configuration, then exit"),
     Option("once", "bool", "poll every run once, print a table and exit"),
+    Option("output", "str", "with --once: the table as text or JSON", choices=("table", "json")),
 )
 _BY_NAME = {option.name: option for option in OPTIONS}
+# Kubernetes injects these for a Service named loops-watcher; they are not options.
+_KUBERNETES_SERVICE_VARIABLE = re.compile(
+    ENV_PREFIX + r"(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?"
+    r"|PORT(?:_[0-9]+_(?:TCP|UDP|SCTP)(?:_(?:PROTO|PORT|ADDR))?)?)"
+)
+DEMO_LISTEN_ADDRESS = "127.0.0.1:9877"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """` (did you mean X?)` for the closest known spelling, or nothing when none is close."""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -239,7 +281,9 @@ class _Parser(argparse.ArgumentParser):
         if message.startswith("unrecognized arguments:"):
             tokens = message.split(":", 1)[1].split()
             flags = [token.split("=", 1)[0] for token in tokens if token.startswith("-")]
-            message = "unrecognized arguments: " + (" ".join(flags) or "(values not shown)")
+            known = [option.flag for option in OPTIONS] + ["--help", "--version"]
+            shown = [flag + did_you_mean(flag, known) for flag in flags]
+            message = "unrecognized arguments: " + (", ".join(shown) or "(values not shown)")
             if any(flag.startswith("--api-key") for flag in flags):
                 message += f"; the key is never a flag: set {API_KEY_ENV} or use --api-key-file"
         # One line, like every other configuration error, instead of argparse's usage block.
@@ -365,10 +409,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--config: {str(path)!r} nests arrays or tables too deeply") from None
     unknown = sorted(set(data) - set(_BY_NAME) | ({"config"} & set(data)))
     if unknown:
-        raise ConfigError(
-            f"--config: {str(path)!r} has unknown key {_shown(unknown[0])} "
-            f"(keys are option names in snake_case, such as poll_interval)"
+        key = unknown[0]
+        hint = did_you_mean(key, set(_BY_NAME) - {"config"}) or (
+            " (keys are option names in snake_case, such as poll_interval)"
         )
+        raise ConfigError(f"--config: {str(path)!r} has unknown key {_shown(key)}{hint}")
     if isinstance(data.get("run_id"), str):
         data["run_id"] = [data["run_id"]]
     return data
@@ -443,6 +488,7 @@ def load_settings(
     hostname: Callable[[], str] = socket.gethostname,
 ) -> Settings:
     """Parse, merge and validate; raise ConfigError (exit 2) on any bad input."""
+    _refuse_unknown_variables(environ)
     given = vars(build_parser().parse_args(argv))
     environment_given = {
         option.name: environ[option.env] for option in OPTIONS if option.env in environ
@@ -486,6 +532,9 @@ def load_settings(
     settings = _fit_fast_interval(settings, sources)
 
     if settings.demo:
+        # The demo is for this machine's eyes: no endpoint on the network unless asked for.
+        if "listen_address" not in sources:
+            settings = settings.model_copy(update={"listen_address": DEMO_LISTEN_ADDRESS})
         return settings
     if settings.api_key_file is not None:
         key = read_api_key(settings.api_key_file)
@@ -516,6 +565,21 @@ def _shard_from_hostname(hostname: str, sources: Mapping[str, str]) -> int:
             "give the shard number instead"
         )
     return ordinal
+
+
+def _refuse_unknown_variables(environ: Mapping[str, str]) -> None:
+    known = [option.env for option in OPTIONS]
+    for name in sorted(environ):
+        if (
+            name.startswith(ENV_PREFIX)
+            and name not in known
+            and not _KUBERNETES_SERVICE_VARIABLE.fullmatch(name)
+        ):
+            # Never its value: it might be a key put in the wrong variable.
+            note = (
+                f"; the key is read from {API_KEY_ENV} or --api-key-file" if "KEY" in name else ""
+            )
+            raise ConfigError(f"environment {name}: not an option{did_you_mean(name, known)}{note}")
 
 
 def _fit_fast_interval(settings: Settings, sources: Mapping[str, str]) -> Settings:
