@@ -1,11 +1,11 @@
-# The two commands a newcomer needs: `make demo` and `make test`. Both create the
-# virtual environment on first use.
+# The two commands a newcomer needs: `make demo` and `make test`; `make check` is the quick
+# loop while editing. Each creates the virtual environment on first use.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean runbook-url
+.PHONY: demo check test lint typecheck bench clean runbook-url
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
-	$(BIN)/pytest
+# Every test that starts no process (see tests/conftest.py).
+check: lint typecheck
+	$(BIN)/pytest -m "not process"
 
-test: lint typecheck unit
+test: lint typecheck
+	$(BIN)/pytest
 
 bench: $(STAMP)
 	$(BIN)/python tests/benchmark.py

