@@ -33,6 +33,7 @@ def test_assignment_is_pinned_across_releases() -> None:
     assert [shard_of("été-run", n) for n in (2, 3, 4, 10)] == [1, 1, 1, 9]
 
 
+@pytest.mark.process
 def test_assignment_does_not_depend_on_the_process() -> None:
     # str hashing is salted per process; a shard of one pod must agree with the next one's.
     code = (
