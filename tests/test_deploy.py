@@ -410,6 +410,7 @@ def test_runbook_has_a_section_for_every_alert_and_none_for_missing_ones() -> No
     assert alert_sections == names
 
 
+@pytest.mark.process
 def test_make_runbook_url_points_every_link_at_one_new_place(tmp_path: Path) -> None:
     copy = tmp_path / "repo"
     shutil.copytree(DEPLOY, copy / "deploy")
