@@ -684,6 +684,7 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+@pytest.mark.process  # openssl makes the certificate
 async def test_ssl_cert_file_is_trusted(
     monkeypatch: pytest.MonkeyPatch, self_signed: tuple[Path, Path]
 ) -> None:
