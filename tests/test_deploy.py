@@ -541,7 +541,7 @@ def test_alert_unit_tests_feed_series_shaped_like_the_contracts() -> None:
             assert set(re.findall(r"(\w+)=", labels)) <= allowed, series["series"]
 
 
-def test_metric_table_here_matches_the_readme() -> None:
+def test_readme_documents_every_metric_here_alike() -> None:
     rows = re.findall(
         r"^\| `((?:baseten_loops|loops_watcher)_\w+)` \| (\w+)[^|]*\|([^|]*)\|",
         (ROOT / "README.md").read_text(encoding="utf-8"),
@@ -551,7 +551,8 @@ def test_metric_table_here_matches_the_readme() -> None:
         name: (kind, tuple(label.strip() for label in labels.split(",") if label.strip()))
         for name, kind, labels in rows
     }
-    assert table == CONTRACT_METRICS
+    # The README may document more (metrics no alert or panel needs); never less or otherwise.
+    assert {name: table.get(name) for name in CONTRACT_METRICS} == CONTRACT_METRICS
 
 
 # --- dashboard -------------------------------------------------------------------------------
