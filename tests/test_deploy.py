@@ -813,6 +813,7 @@ def example_secret() -> dict[str, Any]:
     return secret
 
 
+@pytest.mark.process  # kubectl kustomize renders the manifests
 def test_kustomizations_list_every_manifest_but_the_example_secret() -> None:
     kustomization = load_yaml(BASE / "kustomization.yaml")
     listed = kustomization["resources"]
@@ -846,6 +847,7 @@ def validate_core(doc: dict[str, Any], where: str) -> None:
     pytest.fail(problem)
 
 
+@pytest.mark.process  # kubectl kustomize renders the manifests
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_rendered_objects_validate_against_kubernetes_1_30_strictly(layout: str) -> None:
     docs = kustomize(LAYOUTS[layout])
@@ -863,6 +865,7 @@ def test_example_secret_validates_strictly() -> None:
     validate_core(example_secret(), "secret.example.yaml")
 
 
+@pytest.mark.process  # kubectl kustomize renders the manifests
 def test_strict_validation_rejects_an_unknown_field() -> None:
     deployment = resource("Deployment")
     deployment["spec"]["template"]["spec"]["containers"][0]["readOnlyRootFS"] = True
@@ -870,6 +873,7 @@ def test_strict_validation_rejects_an_unknown_field() -> None:
         kubernetes_validate.validate(deployment, "1.30.0", strict=True)
 
 
+@pytest.mark.process  # kubectl kustomize renders the manifests
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_pod_is_hardened(layout: str) -> None:
     pod = workload(layout)["spec"]["template"]["spec"]
@@ -896,6 +900,7 @@ def test_pod_is_hardened(layout: str) -> None:
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
 
 
+@pytest.mark.process  # kubectl kustomize renders the manifests
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_service_and_servicemonitor_reach_the_pod_under_the_alerts_job_name(layout: str) -> None:
     pods = workload(layout)
@@ -916,6 +921,7 @@ def test_service_and_servicemonitor_reach_the_pod_under_the_alerts_job_name(layo
     assert endpoint["path"] == "/metrics"
 
 
+@pytest.mark.process  # kubectl kustomize renders the manifests
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_network_policy_admits_only_scrapes_from_monitoring_and_only_dns_and_https_out(
     layout: str,
@@ -940,6 +946,7 @@ def config_toml() -> dict[str, Any]:
     return tomllib.loads((BASE / "config.toml").read_text(encoding="utf-8"))
 
 
+@pytest.mark.process  # kubectl kustomize renders the manifests
 def test_configmap_config_matches_the_mounts_and_ports() -> None:
     config = config_toml()
     assert set(config) <= CONTRACT_OPTIONS
@@ -963,6 +970,7 @@ def test_configmap_config_matches_the_mounts_and_ports() -> None:
     assert config.get("run_id") or config.get("discover"), "something to watch"
 
 
+@pytest.mark.process  # kubectl kustomize renders the manifests
 def test_a_configuration_edit_rolls_the_pods(tmp_path: Path) -> None:
     shutil.copytree(KUBERNETES, tmp_path / "kubernetes")
     config = tmp_path / "kubernetes" / "base" / "config.toml"
@@ -979,6 +987,7 @@ def test_a_configuration_edit_rolls_the_pods(tmp_path: Path) -> None:
         assert sources == [name]
 
 
+@pytest.mark.process
 def test_configmap_config_is_accepted_by_the_watcher(tmp_path: Path) -> None:
     (tmp_path / "api-key").write_text("fake-key-for-tests\n")
     result = run(
@@ -995,6 +1004,7 @@ def test_configmap_config_is_accepted_by_the_watcher(tmp_path: Path) -> None:
     assert "fake-key-for-tests" not in result.stdout + result.stderr
 
 
+@pytest.mark.process  # kubectl kustomize renders the manifests
 def test_ha_runs_two_replicas_apart_that_never_both_stop() -> None:
     deployment = resource("Deployment", "ha")
     spec = deployment["spec"]
@@ -1019,6 +1029,7 @@ def test_ha_runs_two_replicas_apart_that_never_both_stop() -> None:
     assert {k: v for k, v in spec["template"]["spec"].items() if k != "affinity"} == base_pod
 
 
+@pytest.mark.process  # kubectl kustomize renders the manifests
 def test_sharded_gives_each_statefulset_pod_its_shard_and_its_own_state_volume(
     tmp_path: Path,
 ) -> None:
@@ -1061,6 +1072,7 @@ def test_sharded_gives_each_statefulset_pod_its_shard_and_its_own_state_volume(
     }
 
 
+@pytest.mark.process  # kubectl kustomize renders the manifests
 def test_image_compose_and_pod_keep_the_state_file_on_a_volume_the_user_can_write() -> None:
     instructions = dockerfile_instructions()
     env = " ".join(args for keyword, args in instructions if keyword == "ENV")
