@@ -5,7 +5,14 @@ from __future__ import annotations
 from factories import make_run
 
 from watcher.api import Result
-from watcher.tracker import Changed, Observed, Tracker, Undocumented
+from watcher.tracker import (
+    RECENT_TRANSITIONS,
+    Changed,
+    Observed,
+    Tracker,
+    Transition,
+    Undocumented,
+)
 
 
 def test_first_sight_is_an_observation_not_a_transition() -> None:
@@ -57,6 +64,7 @@ def test_failed_poll_keeps_last_status_and_counts() -> None:
     tracker.record_poll("k4q95w5", Result.OK, 10.0)
     record = tracker.record_poll("k4q95w5", Result.TIMEOUT, 12.0)
     record = tracker.record_poll("k4q95w5", Result.TIMEOUT, 14.0)
+    assert record.last_poll == 14.0
     assert record.status == "ACTIVE"
     assert record.since == 10.0
     assert record.last_success == 10.0
@@ -191,3 +199,26 @@ def test_restored_undocumented_statuses_keep_their_place_in_the_label_budget() -
     record = tracker.restore(earlier.runs["k4q95w5"].saved())
     assert record.undocumented == {"HIBERNATING"}
     assert record.undocumented == earlier.runs["k4q95w5"].undocumented
+
+
+def test_recent_transitions_keep_the_last_few_with_their_times() -> None:
+    tracker = Tracker()
+    tracker.observe(make_run("ACTIVE"), 0.0)
+    statuses = ["UNHEALTHY", "ACTIVE"] * RECENT_TRANSITIONS
+    for moment, status in enumerate(statuses, start=1):
+        tracker.observe(make_run(status), float(moment))
+    record = tracker.runs["k4q95w5"]
+    assert len(record.recent) == RECENT_TRANSITIONS
+    assert record.recent[-1] == Transition(float(len(statuses)), "UNHEALTHY", "ACTIVE")
+    assert record.recent[0].at == float(len(statuses) - RECENT_TRANSITIONS + 1)
+    # The counters still hold every transition the bounded history forgot.
+    assert sum(record.transitions.values()) == len(statuses)
+
+
+def test_every_applied_observation_and_poll_moves_the_version() -> None:
+    tracker = Tracker()
+    tracker.observe(make_run("ACTIVE"), 0.0, requested=1.0)
+    tracker.record_poll("k4q95w5", Result.OK, 0.0)
+    tracker.observe(make_run("FAILED"), 2.0, requested=0.5)  # older than what is known: ignored
+    record = tracker.record_poll("k4q95w5", Result.TIMEOUT, 2.0)
+    assert record.version == 3

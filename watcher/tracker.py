@@ -19,7 +19,7 @@ a restart and untimed (the moment it happened is unknown).
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from watcher.api import Result
@@ -58,6 +58,15 @@ class Undocumented:
 
 
 Event = Observed | Changed | Undocumented
+# Transitions each record keeps for the status page; the counters keep the totals.
+RECENT_TRANSITIONS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    at: float
+    from_status: str
+    to_status: str
 
 
 @dataclass(slots=True)
@@ -72,12 +81,16 @@ class RunRecord:
     applied_request: float = float("-inf")  # when the last applied observation was requested
     transitions: Counter[tuple[str, str]] = field(default_factory=Counter)
     undocumented: set[str] = field(default_factory=set)  # named in `transitions`
+    recent: deque[Transition] = field(default_factory=lambda: deque(maxlen=RECENT_TRANSITIONS))
     polls: Counter[str] = field(default_factory=Counter)
     last_result: Result | None = None
+    last_poll: float | None = None
     last_success: float | None = None
     consecutive_failures: int = 0
     # The status came from a previous process and no poll in this one has confirmed it yet.
     carried_over: bool = False
+    # Bumped whenever the record changes, so views derived from it know when to redo them.
+    version: int = 0
 
     def saved(self) -> Saved:
         """What a later process needs to continue this run; only for a run seen at least once."""
@@ -149,6 +162,7 @@ class Tracker:
         if requested < record.applied_request:
             return [], False  # older than what is already known: would move the run back
         record.applied_request = requested
+        record.version += 1
 
         events: list[Event] = []
         status = run.sampler.status if run.sampler else None
@@ -177,6 +191,7 @@ class Tracker:
                 )
                 pair = (_transition_label(record, record.status), _transition_label(record, status))
                 record.transitions[pair] += 1
+                record.recent.append(Transition(now, record.status, status))
                 record.since = now
                 record.saw_status_begin = not across_restart
         if status is not None and not is_documented(status):
@@ -192,8 +207,10 @@ class Tracker:
     def record_poll(self, run_id: str, result: Result, now: float) -> RunRecord:
         """Count one poll; a failed one keeps the last known status."""
         record = self.watch(run_id)
+        record.version += 1
         record.polls[result] += 1
         record.last_result = result
+        record.last_poll = now
         if result is Result.OK:
             record.last_success = now
             record.consecutive_failures = 0
