@@ -623,3 +623,33 @@ def test_the_demo_listens_on_loopback_unless_told_otherwise() -> None:
 def test_output_is_table_or_json() -> None:
     assert load(["--run-id", "a", "--once"]).output == "table"
     assert load(["--run-id", "a", "--once", "--output", "json"]).output == "json"
+
+
+@pytest.mark.parametrize(
+    ("value", "path"),
+    [
+        ("https://ops.example.com/loops-watcher/", "/loops-watcher"),
+        ("http://localhost:9877", ""),
+        ("/team/watcher", "/team/watcher"),
+        ("/", ""),
+    ],
+)
+def test_web_external_url_gives_the_page_its_path(value: str, path: str) -> None:
+    assert load(["--run-id", "a", "--web-external-url", value]).web_path == path
+    from_env = load(["--run-id", "a"], {"LOOPS_WATCHER_WEB_EXTERNAL_URL": value})
+    assert from_env.web_path == path
+
+
+def test_web_external_url_from_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "w.toml"
+    config.write_text('run_id = "a1"\nweb_external_url = "/watcher"\n')
+    assert load(["--config", str(config)]).web_path == "/watcher"
+    assert load(["--run-id", "a"]).web_path == ""
+
+
+@pytest.mark.parametrize(
+    "value", ["//elsewhere.example/x", "ftp://host/x", "watcher", "/a b", "/a\x00b", "/a\u2028"]
+)
+def test_web_external_url_must_be_a_url_or_an_absolute_path(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"--web-external-url .*: invalid value"):
+        load(["--run-id", "a", "--web-external-url", value])

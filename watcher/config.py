@@ -181,6 +181,7 @@ class Settings(BaseModel):
     max_list_body_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024 * 1024, le=2**32, strict=True
     )
+    web_external_url: str | None = None
     listen_address: str = "0.0.0.0:9877"
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -195,6 +196,23 @@ class Settings(BaseModel):
     @classmethod
     def _check_url(cls, value: str) -> str:
         return check_http_url(value)
+
+    @field_validator("web_external_url")
+    @classmethod
+    def _check_external_url(cls, value: str | None) -> str | None:
+        url = r"^(https?://[^/\s?#]+)?(/(?!/)[^\s?#]*)?$"
+        if value is not None and not (value.isprintable() and re.match(url, value)):
+            raise ValueError(
+                f"{value!r} is not a URL or path such as https://example.com/watcher or /watcher"
+            )
+        return value
+
+    @property
+    def web_path(self) -> str:
+        """The path the endpoints are reached under, without a trailing slash ('' for /)."""
+        url = self.web_external_url or ""
+        path = re.sub(r"^https?://[^/]+", "", url)
+        return path.rstrip("/")
 
     @field_validator("listen_address")
     @classmethod
@@ -249,6 +267,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("total_shards", "int", "split the runs among N watchers by their ID's hash (1)", "N"),
     Option("shard", "str", "this watcher's shard: 0 to N-1, or auto (hostname's ordinal)", "I"),
     Option("max_list_body_bytes", "int", "largest list response read, in bytes (64 MiB)", "N"),
+    Option(
+        "web_external_url",
+        "str",
+        "URL or path prefix the endpoints are reached under, for the status page's links",
+        "URL",
+    ),
     Option("listen_address", "str", "where /metrics is served (0.0.0.0:9877)", "HOST:PORT"),
     Option("log_format", "str", "json unless stdout is a terminal", choices=("json", "console")),
     Option("log_level", "str", "minimum log level", choices=("debug", "info", "warning", "error")),
