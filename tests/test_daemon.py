@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 from watcher import daemon
 from watcher.api import Outcome, Result
 from watcher.config import load_settings
-from watcher.daemon import Watcher, change_level
+from watcher.daemon import DISCOVERY_FAILING_AFTER, Watcher, change_level
 from watcher.model import SAMPLER_STATUSES, Run
 
 FAKE_KEY = "fake-daemon-key"
@@ -238,3 +238,60 @@ async def test_the_run_ids_file_is_read_off_the_event_loop(
     assert readers
     assert readers[0] is not threading.main_thread()
     assert list(watcher.desired_runs()) == ["k4q95w5"]
+
+
+def kinds(watcher: Watcher) -> list[str]:
+    return [problem.kind for problem in watcher.problems()]
+
+
+def test_a_rejected_key_is_a_problem_until_a_poll_succeeds(watcher: Watcher, clock: Clock) -> None:
+    watcher.apply("k4q95w5", failed(Result.FORBIDDEN))
+    (problem,) = watcher.problems()
+    assert (problem.kind, problem.since) == ("key_rejected", clock.now)
+    assert FAKE_KEY not in problem.message
+    watcher.apply("k4q95w5", ok(make_run("ACTIVE")))
+    assert watcher.problems() == []
+
+
+def test_the_api_is_unreachable_after_attempts_in_a_row_get_no_answer(
+    watcher: Watcher, clock: Clock
+) -> None:
+    watcher.attempt_finished("error", 2.0)
+    watcher.attempt_finished("error", 2.0)
+    assert kinds(watcher) == []
+    watcher.attempt_finished("error", 2.0)
+    (problem,) = watcher.problems()
+    assert problem.kind == "api_unreachable"
+    assert problem.since == clock.now - 2.0
+    watcher.attempt_finished("503", 0.1)  # an answer, even a bad one: the API is reachable
+    assert kinds(watcher) == []
+
+
+def test_failing_lists_are_a_problem_only_with_discovery(clock: Clock) -> None:
+    def lists_fail(*argv: str) -> list[list[str]]:
+        """The problems before each failed list and after the last."""
+        settings = load_settings(
+            ["--run-id", "k4q95w5", *argv], {"BASETEN_API_KEY": FAKE_KEY}, stdout_is_tty=False
+        )
+        instance = Watcher(settings, registry=CollectorRegistry(), clock=clock)
+        seen = []
+        for _ in range(DISCOVERY_FAILING_AFTER):
+            seen.append(kinds(instance))
+            instance._list_failed(Outcome(Result.SERVER_ERROR, None, "boom", 4, "503"))
+        return [*seen, kinds(instance)]
+
+    assert lists_fail("--discover", "org") == [[], [], [], ["discovery_failing"]]
+    assert lists_fail() == [[], [], [], []]
+
+
+def test_data_goes_stale_when_nothing_was_read_for_a_while(watcher: Watcher, clock: Clock) -> None:
+    watcher._started_at = clock.now
+    clock.now += 3 * watcher.settings.poll_interval
+    assert kinds(watcher) == []
+    clock.now += watcher.settings.request_timeout + 1
+    (problem,) = watcher.problems()
+    assert (problem.kind, problem.since) == ("data_stale", clock.now - 101)
+    watcher.apply("k4q95w5", ok(make_run("ACTIVE")))
+    assert kinds(watcher) == []
+    watcher.scheduler.heartbeat -= 60
+    assert kinds(watcher) == ["data_stale"]  # the poll loop itself stopped

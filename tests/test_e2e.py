@@ -492,7 +492,7 @@ def test_undocumented_status_gets_its_own_series_and_one_warning(rig: Rig, targe
 # --- the watcher's own endpoints ------------------------------------------------------------
 
 
-def test_landing_page_links_the_endpoints(rig: Rig) -> None:
+def test_the_status_page_links_the_endpoints(rig: Rig) -> None:
     page = rig.watcher.get("/")
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")

@@ -35,6 +35,7 @@ from watcher.model import (
     clean_text,
     status_class,
 )
+from watcher.page import Page, Problem
 from watcher.scheduler import Cadence, Scheduler
 from watcher.server import Server
 from watcher.sharding import Shard
@@ -55,6 +56,10 @@ DISCOVERY_MISSES = 2
 DISCOVERY_FAILING_AFTER = 3
 # Skipped list entries are warned about once each; this many are remembered for that.
 SKIPPED_REMEMBERED = 1000
+# The API counts as unreachable after this many attempts in a row got no answer at all.
+UNREACHABLE_ATTEMPTS = 3
+# The page calls the data stale when no run was read for this many poll intervals.
+STALE_INTERVALS = 3
 FIRST_LIST = "(list request)"
 # When the state file is told which runs are still watched (and older rows are pruned): soon
 # after start, once discovery had its first lists, then hourly.
@@ -138,7 +143,19 @@ class Watcher:
             poll_interval=settings.poll_interval,
             fast_poll_interval=settings.fast_poll_interval,
         )
+        self.page = Page(
+            lambda: self.tracker.runs,
+            self.problems,
+            clock,
+            version=__version__,
+            base=settings.web_path,
+        )
         self._key_rejected = False
+        self._key_rejected_since: float | None = None
+        self._unanswered = 0  # attempts in a row that got no answer
+        self._unanswered_since: float | None = None
+        self._list_failing_since: float | None = None
+        self._started_at: float | None = None
         self._awaiting_first_poll: set[str] = set()
         self._started = False
         self._ready = False
@@ -243,6 +260,7 @@ class Watcher:
         if self._list_failures:
             self.log.info("list_recovered", failed_lists=self._list_failures)
         self._list_failures = 0
+        self._list_failing_since = None
         if self.metrics.discovery_failing is not None:
             self.metrics.discovery_failing.set(0)
         listed = self._listed(outcome.value)
@@ -316,6 +334,7 @@ class Watcher:
                 note="runs that start or end are not noticed until a list answers again",
             )
         if self._list_failures == 1:
+            self._list_failing_since = self.clock()
             self.log.warning(
                 "list_failed",
                 result=str(outcome.result),
@@ -417,6 +436,7 @@ class Watcher:
         if rejected == self._key_rejected:
             return
         self._key_rejected = rejected
+        self._key_rejected_since = self.clock() if rejected else None
         self.metrics.api_key_rejected.set(int(rejected))
         if rejected:
             self.log.error(
@@ -469,6 +489,13 @@ class Watcher:
     def attempt_finished(self, code: str, seconds: float) -> None:
         self.metrics.api_requests.labels(code).inc()
         self.metrics.api_duration.observe(seconds)
+        if code == "error":
+            self._unanswered += 1
+            if self._unanswered_since is None:
+                self._unanswered_since = self.clock() - seconds
+        else:
+            self._unanswered = 0
+            self._unanswered_since = None
 
     def retrying(self, result: Result, detail: str, attempt: int, delay: float) -> None:
         self.metrics.retries.labels(str(result)).inc()
@@ -480,6 +507,61 @@ class Watcher:
 
     def render_metrics(self, accept: str) -> tuple[list[bytes], str]:
         return self.metrics.render_parts(accept)
+
+    def problems(self) -> list[Problem]:
+        """Watcher-level trouble for the status page's banners, worst first."""
+        found = []
+        if self._key_rejected:
+            found.append(
+                Problem(
+                    "key_rejected",
+                    "The Loops API answers 401/403: check the key in BASETEN_API_KEY or "
+                    "--api-key-file, and --auth-scheme.",
+                    self._key_rejected_since,
+                )
+            )
+        if self._unanswered >= UNREACHABLE_ATTEMPTS:
+            found.append(
+                Problem(
+                    "api_unreachable",
+                    f"The last {self._unanswered} requests to {self.settings.api_url} got no "
+                    "answer (timeouts or connection errors); statuses shown are the last known.",
+                    self._unanswered_since,
+                )
+            )
+        if self.settings.discover and self._list_failures >= DISCOVERY_FAILING_AFTER:
+            found.append(
+                Problem(
+                    "discovery_failing",
+                    f"The last {self._list_failures} list requests failed: runs that start or "
+                    "end are not noticed until a list answers again.",
+                    self._list_failing_since,
+                )
+            )
+        stale = self._stale_since()
+        alive, message = self.health()
+        if stale is not None:
+            found.append(
+                Problem(
+                    "data_stale",
+                    f"No run has been read for over {STALE_INTERVALS} poll intervals.",
+                    stale,
+                )
+            )
+        elif not alive:
+            found.append(Problem("data_stale", f"The poll loop is stuck: {message}."))
+        return found
+
+    def _stale_since(self) -> float | None:
+        """Since when no run was read, if that is longer than STALE_INTERVALS intervals."""
+        if self._started_at is None or not self.tracker.runs:
+            return None
+        latest = max(
+            (r.last_success for r in self.tracker.runs.values() if r.last_success is not None),
+            default=self._started_at,
+        )
+        limit = STALE_INTERVALS * self.settings.poll_interval + self.settings.request_timeout
+        return latest if self.clock() - latest > limit else None
 
     def health(self) -> tuple[bool, str]:
         silent = time.monotonic() - self.scheduler.heartbeat
@@ -504,7 +586,9 @@ class Watcher:
         self, stop: asyncio.Event, *, on_listening: Callable[[int], None] | None = None
     ) -> None:
         """Serve and poll until `stop` is set."""
-        server = Server(self)
+        server = Server(self, prefix=self.settings.web_path)
+        for path, handler in self.page.routes().items():
+            server.route(path, handler)
         listen = self.settings.listen
         try:
             await server.start(listen.host, listen.port)
@@ -538,6 +622,7 @@ class Watcher:
             config=redacted(self.settings),
         )
         self._started = True
+        self._started_at = self.clock()
         tasks = [
             asyncio.create_task(self.scheduler.run(), name="scheduler"),
             asyncio.create_task(self._list_loop(), name="list"),

@@ -1,4 +1,4 @@
-"""The watcher's own HTTP endpoints: `/metrics`, `/healthz`, `/readyz` and a landing page.
+"""The watcher's own HTTP endpoints: `/metrics`, `/healthz`, `/readyz`, and routes added to it.
 
 HTTP/1.1 itself (framing, keep-alive, what a malformed request is) is h11's state machine;
 this module only reads and writes bytes for it on asyncio streams, in the same event loop as
@@ -7,23 +7,22 @@ idle keep-alive connections close silently after `KEEPALIVE_TIMEOUT`, a request 
 whole within `REQUEST_TIMEOUT` of its first byte, a response write that makes no progress for
 `WRITE_TIMEOUT` ends the connection, and at most `MAX_CONNECTIONS` are open at once.
 
-Routes are GET (and HEAD) handlers in a table: `Server.route("/path", handler)`.
+Routes are GET (and HEAD) handlers in a table: `Server.route("/path", handler)`. Behind a proxy
+that keeps a path prefix (`--web-external-url`), every route also answers under that prefix.
 """
 
 from __future__ import annotations
 
 import asyncio
-import html
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
 
-from watcher import __version__
 from watcher.logs import get_logger
 
 # Longer than a 60 s scrape interval, so Prometheus's next scrape reuses the connection.
@@ -81,26 +80,6 @@ def text(status: int, message: str, **headers: str) -> Response:
     return Response(status, f"{message}\n".encode(), TEXT, headers)
 
 
-def landing_page(links: dict[str, str]) -> bytes:
-    items = "".join(
-        f'<li><a href="{html.escape(path)}">{html.escape(path)}</a>: {html.escape(text)}</li>'
-        for path, text in links.items()
-    )
-    return (
-        "<!doctype html><html><head><meta charset=utf-8><title>loops-watcher</title></head>"
-        f"<body><h1>loops-watcher {html.escape(__version__)}</h1>"
-        "<p>Watches Baseten Loops runs and exports their sampler status to Prometheus.</p>"
-        f"<ul>{items}</ul></body></html>\n"
-    ).encode()
-
-
-LINKS = {
-    "/metrics": "Prometheus metrics",
-    "/healthz": "liveness: the poll loop is making progress",
-    "/readyz": "readiness: configuration loaded and the first poll round attempted",
-}
-
-
 class _Refused(Exception):
     """A request answered with an error status, after which the connection closes."""
 
@@ -110,13 +89,13 @@ class _Refused(Exception):
 
 
 class Server:
-    def __init__(self, endpoints: Endpoints) -> None:
+    def __init__(self, endpoints: Endpoints, *, prefix: str = "") -> None:
         self._endpoints = endpoints
+        self._prefix = prefix  # "" or "/some/path", without a trailing slash
         self._routes: dict[str, Handler] = {}
         self.route("/metrics", self._metrics)
         self.route("/healthz", lambda _request: _probe(endpoints.health()))
         self.route("/readyz", lambda _request: _probe(endpoints.readiness()))
-        self.route("/", lambda _request: Response(200, landing_page(LINKS), "text/html"))
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -171,6 +150,9 @@ class Server:
         return Response(200, parts, content_type, headers)
 
     def _answer(self, request: Request) -> Response:
+        path = request.path
+        if self._prefix and (path == self._prefix or path.startswith(self._prefix + "/")):
+            request = replace(request, path=path.removeprefix(self._prefix) or "/")
         handler = self._handler(request.path)
         if handler is None:
             return text(404, "not found; try /metrics")
