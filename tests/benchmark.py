@@ -16,6 +16,10 @@ and in one run:
 5. the runs of 2 and 3 split among four shard processes: each one's share, CPU and memory,
    and the requests all of them make together.
 
+Part 2 also times the status page on its 10,000 runs: `/api/v1/runs` (what the page's script
+fetches every few seconds), the server-rendered `/`, and `/metrics` scrapes while a browser
+stand-in fetches `/api/v1/runs` every 2 s, next to the scrapes without it.
+
 CPU is utime + stime from /proc/<pid>/stat, memory VmRSS from /proc/<pid>/status; polls come
 from `loops_watcher_polls_total` and request counts from the simulator's `/_sim/requests`.
 Timings vary by 15-25 % from run to run here, so repeated measurements are quoted as medians
@@ -39,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -579,6 +584,7 @@ def per_run_mode(
         plain = [w.scrape() for _ in range(scrapes)]
         zipped = [w.scrape(compressed=True) for _ in range(scrapes)]
         cpu_per_scrape = (w.child.cpu() - cpu0) / (2 * scrapes)
+        page = page_rows(w, part, statistics.median(s for _, s, _ in plain))
         peak = w.child.memory("VmHWM")
     # The floor at this pace: a bare loop starting GETs at the rate the watcher polled.
     (paced,), _ = bare_windows(
@@ -637,6 +643,61 @@ def per_run_mode(
             verdict(zipped_s < 0.5),
         ),
         Row(part, "watcher CPU per scrape", f"{cpu_per_scrape:.3f} s"),
+        *page,
+    ]
+
+
+def timed_get(http: httpx.Client, url: str) -> tuple[float, int]:
+    """(seconds to the last byte, bytes) of one GET."""
+    started = time.perf_counter()
+    response = http.get(url, headers={"Accept-Encoding": "identity"})
+    response.raise_for_status()
+    return time.perf_counter() - started, len(response.content)
+
+
+def page_rows(w: Watcher, part: str, scrape_alone: float) -> list[Row]:
+    """The status page on these runs, and /metrics scrapes while someone watches it."""
+    api = [timed_get(w.http, f"{w.url}/api/v1/runs") for _ in range(5)]
+    html = [timed_get(w.http, f"{w.url}/") for _ in range(5)]
+    stop = threading.Event()
+
+    def browser() -> None:  # the page's script: fetch, then wait 2 s
+        with http_client() as http:
+            while not stop.is_set():
+                timed_get(http, f"{w.url}/api/v1/runs")
+                stop.wait(2.0)
+
+    watching = threading.Thread(target=browser, daemon=True)
+    watching.start()
+    try:
+        watched = [w.scrape()[1] for _ in range(10)]
+    finally:
+        stop.set()
+        watching.join(timeout=30)
+    api_s, html_s = statistics.median(s for s, _ in api), statistics.median(s for s, _ in html)
+    watched_s = statistics.median(watched)
+    return [
+        Row(
+            part,
+            "/api/v1/runs, median of 5",
+            f"{api_s:.3f} s, {api[-1][1] / 1e6:.1f} MB",
+            "< 0.5 s",
+            verdict(api_s < 0.5),
+        ),
+        Row(
+            part,
+            "status page /, first 100 rows, median of 5",
+            f"{html_s:.3f} s, {html[-1][1] / 1e3:.0f} kB",
+            "< 0.5 s",
+            verdict(html_s < 0.5),
+        ),
+        Row(
+            part,
+            "/metrics scrape while the page is open, median of 10",
+            f"{watched_s:.3f} s (alone: {scrape_alone:.3f} s)",
+            "< 0.5 s",
+            verdict(watched_s < 0.5),
+        ),
     ]
 
 

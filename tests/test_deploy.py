@@ -82,6 +82,7 @@ CONTRACT_OPTIONS = {
     "poll_interval", "fast_poll_interval", "request_timeout", "max_retries", "max_concurrency",
     "max_requests_per_second", "state_file", "listen_address", "log_format", "log_level",
     "demo", "check_config", "once", "total_shards", "shard",
+    "web_external_url",
 }  # fmt: skip
 DEFAULT_PORT = 9877
 # Labels Prometheus itself attaches (scrape target, histogram bucket); `up` is its own series.

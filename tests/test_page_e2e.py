@@ -273,3 +273,18 @@ def test_a_rejected_key_shows_as_a_banner(
     page = watcher.get("/").text
     assert "API key rejected." in page
     assert "e2e-FAKE-but-wrong-key" not in page + json.dumps(document)
+
+
+def test_the_demo_names_the_status_page_first(start_watcher: StartWatcher) -> None:
+    watcher = start_watcher("--demo", api_key=None)
+    first = watcher.logs()[0]
+    assert (first["event"], first["status_page"]) == (
+        "demo_started",
+        f"http://localhost:{watcher.port}/",
+    )
+    document = wait_until(
+        lambda: (doc := watcher.get("/api/v1/runs").json())["counts"]["unread"] == 0 and doc,
+        timeout=10,
+        what="every demo run read",
+    )
+    assert document["watcher"]["watched_runs"] >= 10

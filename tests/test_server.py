@@ -153,3 +153,18 @@ async def test_a_failing_handler_is_a_500_not_a_dropped_connection(server: Serve
     )
     assert answer.startswith(b"HTTP/1.1 500 ")
     assert b"HTTP/1.1 200 " in answer  # the connection carried on
+
+
+async def test_routes_also_answer_under_the_external_path_prefix() -> None:
+    served = Server(Endpoints(), prefix="/team/watcher")
+    served.route("/", lambda request: Response(200, request.path.encode()))
+    await served.start("127.0.0.1", 0)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{served.port}") as client:
+            assert (await client.get("/team/watcher/healthz")).text == "ok\n"
+            assert (await client.get("/team/watcher")).text == "/"
+            assert (await client.get("/team/watcher/")).text == "/"
+            assert (await client.get("/healthz")).status_code == 200  # a proxy that strips it
+            assert (await client.get("/team/watcherx/healthz")).status_code == 404
+    finally:
+        await served.close()

@@ -76,11 +76,13 @@ async def run_daemon(settings: Settings) -> None:
 
         def announce(port: int) -> None:
             if settings.demo:
+                page = f"http://localhost:{port}{settings.web_path}/"
+                # The first line logged: what a newcomer should open.
                 log.info(
                     "demo_started",
+                    status_page=page,
+                    metrics_url=f"{page}metrics",
                     simulator_url=effective.api_url,
-                    metrics_url=f"http://localhost:{port}/metrics",
-                    landing_page=f"http://localhost:{port}/",
                     runs=len(effective.run_id),
                 )
 

@@ -143,8 +143,8 @@ _MESSAGES: dict[str, Callable[[EventDict], str]] = {
         else f"stopped after {_seconds(e.get('uptime_seconds', 0))}"
     ),
     "demo_started": lambda e: (
-        f"demo: {e.get('runs')} simulated runs; metrics on {e.get('metrics_url')}, "
-        f"status page on {e.get('landing_page')}"
+        f"demo: open the status page at {e.get('status_page')} "
+        f"({e.get('runs')} simulated runs; metrics on {e.get('metrics_url')})"
     ),
 }
 _QUIET = {"timestamp", "level", "event", "run_id", "run_name", "exception"}
