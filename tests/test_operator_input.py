@@ -311,6 +311,9 @@ def test_an_unknown_variable_exits_2_with_a_suggestion_and_kubernetes_ones_are_s
         "loops-watcher: error: environment LOOPS_WATCHER_POLL_INTERVL: not an option "
         "(did you mean LOOPS_WATCHER_POLL_INTERVAL?)\n"
     )
+    # --version and --help answer whatever the environment holds.
+    version = run_watcher("--version", env=watcher_env(LOOPS_WATCHER_POLL_INTERVL="5m"))
+    assert version.returncode == 0, version.stderr
 
 
 def test_the_demo_serves_on_loopback_unless_told_otherwise() -> None:

@@ -512,8 +512,8 @@ def load_settings(
     hostname: Callable[[], str] = socket.gethostname,
 ) -> Settings:
     """Parse, merge and validate; raise ConfigError (exit 2) on any bad input."""
+    given = vars(build_parser().parse_args(argv))  # --help and --version exit here
     _refuse_unknown_variables(environ)
-    given = vars(build_parser().parse_args(argv))
     environment_given = {
         option.name: environ[option.env] for option in OPTIONS if option.env in environ
     }
