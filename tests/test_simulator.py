@@ -458,6 +458,39 @@ def test_body_faults_break_the_schema_as_described(client: httpx.Client, sim: Si
     assert client.get("/v1/loops/runs/nosuch1").json() == {"error": "run not found"}
 
 
+def test_a_body_fault_for_one_run_damages_its_list_entry_only(
+    client: httpx.Client, sim: Simulator
+) -> None:
+    sim.add_fault(Fault(kind="missing_fields", run_id=OWN_RUN, endpoint="list"))
+    response = client.get("/v1/loops/runs", params={"scope": "org"})
+    entries = {run["id"]: run for run in response.json()["runs"]}
+    assert "session_id" not in entries[OWN_RUN]
+    assert all("session_id" in run for run_id, run in entries.items() if run_id != OWN_RUN)
+    decoder = ListDecoder()
+    decoder.feed(response.content)
+    listed = decoder.finish()
+    assert [entry.run_id for entry in listed.invalid] == [OWN_RUN]
+    assert len(listed.runs) == len(entries) - 1
+    assert "session_id" in _run(client, OWN_RUN)  # endpoint "list": its own GET is whole
+
+
+def test_deep_nesting_fault_nests_the_run(client: httpx.Client, sim: Simulator) -> None:
+    sim.add_fault(Fault(kind="deep_nesting", depth=5, count=2))
+    assert client.get(f"/v1/loops/runs/{OWN_RUN}").content == b'{"run":[[[[[]]]]]}'
+    assert client.get("/v1/loops/runs").content == b'{"runs":[[[[[[]]]]]]}'
+    assert _run(client, OWN_RUN)["id"] == OWN_RUN
+
+
+def test_a_serverless_sampler_has_null_ids(client: httpx.Client, sim: Simulator) -> None:
+    sim.set_run(OWN_RUN, serverless=True, name="x\udc80")
+    sampler = _run(client, OWN_RUN)["sampler"]
+    assert (sampler["model_id"], sampler["deployment_id"]) == (None, None)
+    run = parse_run_response(client.get(f"/v1/loops/runs/{OWN_RUN}").json())
+    assert run.name == "x\ufffd"
+    assert run.sampler is not None
+    assert run.sampler.model_id == ""
+
+
 def test_oversized_fault_streams_valid_json_of_the_given_size(
     client: httpx.Client, sim: Simulator
 ) -> None:

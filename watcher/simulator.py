@@ -73,8 +73,12 @@ DEFAULT_API_KEY = "sim-key-not-secret"
 # Where each fault acts: in place of the reply, inside the run bodies, or in how it is sent.
 _REPLACING_FAULTS = ("status", "non_json", "redirect")
 _BODY_FAULTS = ("missing_fields", "unknown_status")
+# 200 with the runs replaced by `depth` nested arrays: more than any JSON parser recurses into.
+_NESTING_FAULT = "deep_nesting"
 _DELIVERY_FAULTS = ("delay", "trickle", "truncate", "reset", "oversized")
-FAULT_KINDS: tuple[str, ...] = _REPLACING_FAULTS + _BODY_FAULTS + _DELIVERY_FAULTS
+FAULT_KINDS: tuple[str, ...] = (
+    _REPLACING_FAULTS + _BODY_FAULTS + (_NESTING_FAULT,) + _DELIVERY_FAULTS
+)
 
 _RUNS = "/v1/loops/runs"
 _CONTROL = "/_sim/"
@@ -92,9 +96,11 @@ class Fault:
     """A misbehaviour to inject into API responses.
 
     `run_id` None hits every API request (each run and the list) or, with `endpoint` "run" or
-    "list", only one kind; a `run_id` narrows it to `GET /v1/loops/runs/{run_id}`. `count` None
-    lasts until cleared, otherwise the fault is dropped after hitting that many requests. When
-    several match, the oldest acts. Kinds and the parameters they read:
+    "list", only one kind; a `run_id` narrows it to `GET /v1/loops/runs/{run_id}`, except that a
+    body fault (`missing_fields`, `unknown_status`) with a `run_id` also damages that run's
+    entry in every list response while it lasts (only the run's own requests count against
+    `count`). `count` None lasts until cleared, otherwise the fault is dropped after hitting
+    that many requests. When several match, the oldest acts. Kinds and the parameters they read:
 
     status          answer `status` with {"error": ...} and, if set, a `Retry-After: retry_after`
     delay           wait `delay` seconds, then answer normally
@@ -103,6 +109,7 @@ class Fault:
     non_json        200 with an HTML page
     missing_fields  200 with runs lacking `session_id` and `sampler.status`
     unknown_status  200 with each sampler's status name set to `value`
+    deep_nesting    200 whose run (or list entry) is `depth` nested arrays
     reset           close the connection with a TCP reset, no response
     oversized       200 with valid JSON of `size` bytes (padded), streamed; with
                     `declare_length` false, without Content-Length: the body ends at close
@@ -120,13 +127,14 @@ class Fault:
     size: Annotated[int, Field(ge=0)] = 10 * 1024 * 1024
     declare_length: bool = True
     value: NonEmptyStr = "HIBERNATING"
+    depth: Annotated[int, Field(ge=1, le=10_000_000)] = 200_000
     location: _HeaderValue = "/login"
 
     @model_validator(mode="after")
     def _known_kind(self) -> Fault:
         if self.kind not in FAULT_KINDS:
             raise ValueError(f"kind {self.kind!r} is not one of {', '.join(FAULT_KINDS)}")
-        if self.run_id is not None and self.endpoint == "list":
+        if self.run_id is not None and self.endpoint == "list" and self.kind not in _BODY_FAULTS:
             raise ValueError("a fault for one run_id cannot act on the list endpoint")
         return self
 
@@ -148,6 +156,7 @@ class _RunUpdate(BaseModel):
     status: NonEmptyStr = ""  # sampler status; stops the run's timeline
     run_status: NonEmptyStr = ""  # run-level ACTIVE/INACTIVE; stops the timeline too
     sampler: None = None  # only null: the run becomes trainer-only
+    serverless: bool = False  # the sampler's model_id and deployment_id are null
     name: str = ""
     base_model: NonEmptyStr = ""
     owner: NonEmptyStr = ""
@@ -196,6 +205,7 @@ class _Run:
         self.spec = spec
         self.identity = identity
         self.has_sampler = spec.timeline is not None
+        self.serverless = False
         self.pinned: tuple[str, str] | None = None  # (status, run_status) once steered
         # Encoded bodies per (sampler status, run status): polls mostly repeat one of a few.
         self._encoded: dict[tuple[str | None, str], bytes] = {}
@@ -229,6 +239,8 @@ class _Run:
             self.has_sampler = True
         if "sampler" in given:
             self.has_sampler = False
+        if "serverless" in given:
+            self.serverless = update.serverless
         self._encoded.clear()
 
     def as_json(self, status: str | None, run_status: str) -> dict[str, Any]:
@@ -241,8 +253,8 @@ class _Run:
                 f"/deployment/{ids.sampler_deployment_id}/sync",
                 "base_model": spec.base_model,
                 "created_at": ids.sampler_created_at,
-                "model_id": ids.model_id,
-                "deployment_id": ids.sampler_deployment_id,
+                "model_id": None if self.serverless else ids.model_id,
+                "deployment_id": None if self.serverless else ids.sampler_deployment_id,
                 "status": {"name": status},
                 "user": {"email": spec.owner},
                 "instance_type": INSTANCE_TYPES[spec.instance_type],
@@ -522,17 +534,32 @@ class Simulator:
                 runs = [self._runs[run_id]]
             else:
                 return _error(404, "run not found", delivery=delivery)
-            if fault is not None and fault.kind in _BODY_FAULTS:
-                parts = [
-                    _json(_mangled(run.as_json(*run.statuses(elapsed)), fault)) for run in runs
-                ]
+            if fault is not None and fault.kind == _NESTING_FAULT:
+                parts = [b"[" * fault.depth + b"]" * fault.depth]
             else:
-                parts = [run.encoded(elapsed) for run in runs]
+                parts = [self._entry(run, fault, elapsed, listing=run_id is None) for run in runs]
         if run_id is None:
             body = b'{"runs":[' + b",".join(parts) + b"]}"
         else:
             body = b'{"run":' + parts[0] + b"}"
         return _Reply(200, body, delivery=delivery)
+
+    def _entry(self, run: _Run, fault: Fault | None, elapsed: float, *, listing: bool) -> bytes:
+        """One run as its body or list entry shows it, damaged by a body fault if one acts."""
+        if listing and (fault is None or fault.kind not in _BODY_FAULTS):
+            fault = next(
+                (
+                    armed.fault
+                    for armed in self._faults
+                    if armed.fault.kind in _BODY_FAULTS
+                    and armed.fault.run_id == run.spec.id
+                    and armed.fault.endpoint != "run"
+                ),
+                None,
+            )
+        if fault is None or fault.kind not in _BODY_FAULTS:
+            return run.encoded(elapsed)
+        return _json(_mangled(run.as_json(*run.statuses(elapsed)), fault))
 
     def _check_key(self, header: str | None) -> str | None:
         """Why the Authorization header is refused, or None; never quotes the key."""
