@@ -187,7 +187,7 @@ def test_hostile_text_reaches_labels_and_logs_safe_and_short(watcher: Watcher) -
 
 async def test_discovered_run_ids_are_checked_and_each_bad_one_warned_once() -> None:
     watcher = make_watcher("--discover", "org")
-    bad_ids = ["", "../../etc", "abc\ndef", "x" * 5000]
+    bad_ids = ["", "../../etc", "abc\ndef", "abc123\n", "x" * 5000]
     entries: list[Run | InvalidRun] = [make_run("ACTIVE", run_id=run_id) for run_id in bad_ids]
     entries.append(InvalidRun("list entry: run is not an object"))
     entries.append(make_run("ACTIVE", run_id="good123"))
@@ -196,7 +196,7 @@ async def test_discovered_run_ids_are_checked_and_each_bad_one_warned_once() -> 
         await run_list(watcher, listed(*entries))
     assert watcher.scheduler.run_ids == ["good123"]
     skipped = [log for log in logs if log["event"] == "list_entry_skipped"]
-    assert len(skipped) == 5
+    assert len(skipped) == 6
     assert all(log["log_level"] == "warning" for log in skipped)
     assert all(len(repr(log)) < 1_000 for log in skipped)
 
