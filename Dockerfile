@@ -1,28 +1,41 @@
 # Container image for loops-watcher.
 #
-# Two stages on the same pinned base: the first builds a wheel of the project and installs it,
-# with its dependencies, into a virtual environment; the second copies only that environment.
-# No compiler, pip cache or source tree reaches the runtime image.
+# Two stages on the same pinned base: the first installs the project and exactly the runtime
+# dependencies uv.lock names, with their hashes checked, into a virtual environment; the second
+# copies only that environment. No compiler, cache, build tool or source tree reaches the
+# runtime image.
 
 FROM python:3.11.14-slim-bookworm AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_CACHE_DIR=1
+    PIP_NO_CACHE_DIR=1 \
+    UV_NO_CACHE=1 \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_PROJECT_ENVIRONMENT=/opt/loops-watcher
+
+# The same uv as the Makefile's UV_VERSION.
+RUN pip install --no-cache-dir uv==0.13.9
 
 WORKDIR /src
-RUN python -m venv /opt/loops-watcher
-
-# README.md is the project's `readme`, so setuptools needs it to build the wheel.
-COPY pyproject.toml README.md ./
+# --locked fails the build when uv.lock does not match pyproject.toml. Dependencies first, so
+# that a change to the code alone reuses their layer.
+COPY pyproject.toml uv.lock ./
+RUN uv sync --locked --no-dev --no-install-project --python /usr/local/bin/python3
+# README.md is the project's `readme` and LICENSE its license file: the build needs both.
+COPY README.md LICENSE ./
 COPY watcher/ watcher/
-RUN /opt/loops-watcher/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/wheels . \
- && /opt/loops-watcher/bin/pip install --no-cache-dir /tmp/wheels/*.whl
+RUN uv sync --locked --no-dev --no-editable --python /usr/local/bin/python3
 
 
 FROM python:3.11.14-slim-bookworm
 
+# The version is pyproject.toml's; tests/test_repository.py checks that the two agree.
 LABEL org.opencontainers.image.title="loops-watcher" \
-      org.opencontainers.image.description="Prometheus exporter for Baseten Loops sampler status"
+      org.opencontainers.image.description="Prometheus exporter for Baseten Loops sampler status" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.licenses="Apache-2.0"
 
 # A fixed UID/GID, so Kubernetes' runAsUser and compose's user: can name it (deploy/ does).
 # The state file's directory belongs to it: the one place the watcher writes.

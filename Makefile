@@ -1,26 +1,39 @@
 # The two commands a newcomer needs: `make demo` and `make test`; `make check` is the quick
-# loop while editing. Each creates the virtual environment on first use.
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# loop while editing. Each creates the virtual environment on first use, from uv.lock.
+PYTHON     ?= python3
+VENV       := .venv
+BIN        := $(VENV)/bin
+# uv installs exactly what uv.lock says; it lives in its own small environment.
+UV_VERSION := 0.13.9
+UV         := .tools/bin/uv
+# Use the Python that runs make, never one uv would download.
+export UV_PYTHON := $(PYTHON)
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: demo check test lint typecheck bench clean runbook-url
+.PHONY: demo runtime dev check test lint typecheck bench lock clean runbook-url
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+$(UV):
+	$(PYTHON) -m venv .tools
+	.tools/bin/pip install --quiet uv==$(UV_VERSION)
 
-demo: $(STAMP)
+# --locked: stop, instead of resolving anew, when pyproject.toml and uv.lock disagree.
+runtime: $(UV)
+	$(UV) sync --locked --quiet --no-dev --inexact
+
+dev: $(UV)
+	$(UV) sync --locked --quiet
+
+lock: $(UV)
+	$(UV) lock
+
+demo: runtime
 	$(BIN)/loops-watcher --demo
 
-lint: $(STAMP)
+lint: dev
 	$(BIN)/ruff check watcher tests
 	$(BIN)/ruff format --check watcher tests
 
-typecheck: $(STAMP)
+typecheck: dev
 	$(BIN)/mypy
 
 # Every test that starts no process (see tests/conftest.py).
@@ -30,7 +43,7 @@ check: lint typecheck
 test: lint typecheck
 	$(BIN)/pytest
 
-bench: $(STAMP)
+bench: dev
 	$(BIN)/python tests/benchmark.py
 
 # Where every alert's runbook_url points: your copy of deploy/RUNBOOK.md. Change it here, then
@@ -42,4 +55,4 @@ runbook-url:
 		deploy/prometheus/alerts_test.yml deploy/kubernetes/base/prometheusrule.yaml
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
+	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache build *.egg-info
