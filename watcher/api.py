@@ -180,24 +180,23 @@ class BodyTooLarge(Exception):
     pass
 
 
-async def _chunks_capped(response: httpx.Response, cap: int) -> AsyncIterator[bytes]:
-    """A body's chunks (decoded), refusing more than `cap` bytes without buffering them."""
+def _refuse_declared(response: httpx.Response, cap: int) -> None:
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > cap:
         raise BodyTooLarge(f"body of {declared} bytes exceeds the {cap}-byte cap")
-    size = 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > cap:
-            raise BodyTooLarge(f"body exceeds the {cap}-byte cap")
-        yield chunk
 
 
 async def _read_capped(response: httpx.Response, cap: int) -> bytearray:
-    """A whole body up to `cap` bytes; the buffer itself, not a copy."""
+    """Read a body up to `cap` bytes (decoded); refuse more without buffering it.
+
+    The buffer itself is returned, not a copy; no generator wraps the chunks (this is every
+    poll's path)."""
+    _refuse_declared(response, cap)
     body = bytearray()
-    async for chunk in _chunks_capped(response, cap):
+    async for chunk in response.aiter_bytes():
         body += chunk
+        if len(body) > cap:
+            raise BodyTooLarge(f"body exceeds the {cap}-byte cap")
     return body
 
 
@@ -206,8 +205,14 @@ async def _read_json(response: httpx.Response, cap: int) -> Any:
 
 
 async def _read_list(response: httpx.Response, cap: int) -> RunList:
+    """Decode a list body as it arrives, up to `cap` bytes; only the unread tail is held."""
+    _refuse_declared(response, cap)
     decoder = ListDecoder()
-    async for chunk in _chunks_capped(response, cap):
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > cap:
+            raise BodyTooLarge(f"body exceeds the {cap}-byte cap")
         decoder.feed(chunk)
     return decoder.finish()
 
