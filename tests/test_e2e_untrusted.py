@@ -2,7 +2,8 @@
 
 The real `loops-watcher` against the project's simulator on loopback, with the bodies that
 used to put it in a crash loop: a lone surrogate in one org member's run name, a 1 MB name,
-serverless samplers, one broken list entry, and bodies nested 200,000 deep.
+serverless samplers, one broken list entry, bodies nested 200,000 deep, and an org whose list
+is larger than the old cap allowed before any run was watched.
 """
 
 from __future__ import annotations
@@ -92,3 +93,18 @@ def test_a_run_body_nested_too_deep_is_an_invalid_response(
         timeout=15,
         what="recovery",
     )
+
+
+def test_discover_org_reads_a_large_org_at_once(
+    start_simulator: StartSimulator, start_watcher: StartWatcher
+) -> None:
+    org = {f"run{index:05d}": "ACTIVE" for index in range(8000)}
+    served = start_simulator(org)
+    for run_id in org:  # longer names, as real runs have: the list is about 6 MB
+        served.sim.set_run(run_id, name=f"{run_id}-" + "sft-qwen3-8b-lr2e-5-" * 12)
+    watcher = start_watcher("--api-url", served.url, "--discover", "org", *FAST)
+    metrics = watcher.wait_for_metrics(
+        lambda m: m.value("loops_watcher_watched_runs") == 8000, timeout=60, what="8,000 runs"
+    )
+    assert metrics.value("loops_watcher_discovery_failing") == 0
+    assert not watcher.logs("list_failed")
