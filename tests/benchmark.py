@@ -580,10 +580,21 @@ def per_run_mode(
         results.scale_rss = rss
         expected = expected_polls(sim.runs, start, end) / (end - start)
 
-        cpu0 = w.child.cpu()
-        plain = [w.scrape() for _ in range(scrapes)]
-        zipped = [w.scrape(compressed=True) for _ in range(scrapes)]
-        cpu_per_scrape = (w.child.cpu() - cpu0) / (2 * scrapes)
+        cpu_spent = 0.0
+
+        def lone_scrape(compressed: bool) -> tuple[str, float, int]:
+            # Scrapes that start soon after one another share a rendering: a second apart,
+            # each pays for its own, as Prometheus's do.
+            nonlocal cpu_spent
+            time.sleep(1.0)
+            cpu0 = w.child.cpu()
+            scraped = w.scrape(compressed=compressed)
+            cpu_spent += w.child.cpu() - cpu0
+            return scraped
+
+        plain = [lone_scrape(False) for _ in range(scrapes)]
+        zipped = [lone_scrape(True) for _ in range(scrapes)]
+        cpu_per_scrape = cpu_spent / (2 * scrapes)
         page = page_rows(w, part, statistics.median(s for _, s, _ in plain))
         peak = w.child.memory("VmHWM")
     # The floor at this pace: a bare loop starting GETs at the rate the watcher polled.
@@ -632,15 +643,15 @@ def per_run_mode(
             part,
             "/metrics scrape, median of 5",
             f"{plain_s:.3f} s, {size / 1e6:.1f} MB, {lines:,} lines",
-            "< 0.5 s",
-            verdict(plain_s < 0.5),
+            "< 0.25 s",
+            verdict(plain_s < 0.25),
         ),
         Row(
             part,
             "/metrics scrape, gzip, median of 5",
             f"{zipped_s:.3f} s, {zipped[-1][2] / 1e6:.1f} MB sent",
-            "< 0.5 s",
-            verdict(zipped_s < 0.5),
+            "< 0.4 s",
+            verdict(zipped_s < 0.4),
         ),
         Row(part, "watcher CPU per scrape", f"{cpu_per_scrape:.3f} s"),
         *page,

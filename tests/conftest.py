@@ -63,8 +63,11 @@ def start_watcher() -> Iterator[StartWatcher]:
             api_key: str | None = FAKE_KEY,
             env: Mapping[str, str] | None = None,
             ready: bool = True,
+            nofile: int | None = None,
         ) -> WatcherProcess:
-            watcher = stack.enter_context(WatcherProcess(*args, api_key=api_key, env=env))
+            watcher = stack.enter_context(
+                WatcherProcess(*args, api_key=api_key, env=env, nofile=nofile)
+            )
             return watcher.start(ready=ready)
 
         yield start

@@ -163,13 +163,19 @@ class WatcherProcess:
     """A running `loops-watcher`; use as a context manager so it is always killed."""
 
     def __init__(
-        self, *args: str, api_key: str | None = FAKE_KEY, env: Mapping[str, str] | None = None
+        self,
+        *args: str,
+        api_key: str | None = FAKE_KEY,
+        env: Mapping[str, str] | None = None,
+        nofile: int | None = None,
     ) -> None:
         self.args = ("--listen-address", "127.0.0.1:0", "--log-format", "json", *args)
         self.stdout: list[str] = []
         self.stderr: list[str] = []
+        # prlimit execs the watcher in its own place: the pid stays the watcher's.
+        limit = ["prlimit", f"--nofile={nofile}", "--"] if nofile is not None else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "watcher", *self.args],
+            [*limit, sys.executable, "-m", "watcher", *self.args],
             env=watcher_env(api_key, **(env or {})),
             cwd=REPO,
             stdin=subprocess.DEVNULL,
@@ -297,6 +303,12 @@ class WatcherProcess:
                 fields[name] = int(value.split()[0])
         return fields
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the process has used, from /proc/<pid>/stat."""
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def all_output(self) -> str:
         return "\n".join((*self.stdout, *self.stderr))
 
@@ -323,4 +335,5 @@ class StartWatcher(Protocol):
         api_key: str | None = FAKE_KEY,
         env: Mapping[str, str] | None = None,
         ready: bool = True,
+        nofile: int | None = None,
     ) -> WatcherProcess: ...

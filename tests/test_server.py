@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import gzip
 import re
+import socket
+import time
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from watcher import server as server_module
 from watcher.server import WRITE_CHUNK, Request, Response, Server
@@ -168,3 +173,140 @@ async def test_routes_also_answer_under_the_external_path_prefix() -> None:
             assert (await client.get("/team/watcherx/healthz")).status_code == 404
     finally:
         await served.close()
+
+
+# --- what a client can cost -----------------------------------------------------------------
+
+BIG = [b"x" * 99 + b"\n"] * 160_000  # 16 MB: far more than the socket buffers hold
+GET_METRICS = b"GET /metrics HTTP/1.1\r\nHost: w\r\n\r\n"
+
+
+class Counting(Endpoints):
+    """Endpoints whose rendering takes `cost` seconds and is counted."""
+
+    def __init__(self, parts: list[bytes], cost: float = 0.0) -> None:
+        self.parts = parts
+        self.cost = cost
+        self.renders = 0
+
+    def render_metrics(self, accept: str) -> tuple[list[bytes], str]:
+        self.renders += 1
+        time.sleep(self.cost)  # rendering runs on the event loop, as the watcher's does
+        return self.parts, "text/plain; version=0.0.4; charset=utf-8"
+
+
+@contextlib.asynccontextmanager
+async def serving(endpoints: Endpoints) -> AsyncIterator[Server]:
+    served = Server(endpoints)
+    await served.start("127.0.0.1", 0)
+    try:
+        yield served
+    finally:
+        await served.close()
+
+
+async def stalled_client(server: Server, request: bytes) -> socket.socket:
+    """A connection that sends `request` and then does not read (a tiny receive buffer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", server.port))
+    await loop.sock_sendall(sock, request)
+    return sock
+
+
+async def read_all(sock: socket.socket) -> bytes:
+    """Whatever arrives until the connection ends, by a close or a reset."""
+    received = bytearray()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(10):
+            while chunk := await loop.sock_recv(sock, 2**20):
+                received += chunk
+    return bytes(received)
+
+
+async def test_a_write_that_makes_no_progress_ends_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(server_module, "WRITE_TIMEOUT", 0.5)
+    async with serving(Counting(BIG)) as server:
+        with await stalled_client(server, GET_METRICS) as stalled:
+            await asyncio.sleep(2.0)
+            received = await read_all(stalled)
+    assert received.startswith(b"HTTP/1.1 200 ")
+    assert len(received) < sum(map(len, BIG)) // 2  # given up on, not waited for
+
+
+async def test_concurrent_scrapes_share_one_rendering() -> None:
+    endpoints = Counting(PARTS, cost=0.2)
+    async with serving(endpoints) as server, httpx.AsyncClient(trust_env=False) as client:
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        replies = await asyncio.gather(*(client.get(url) for _ in range(20)))
+    assert all(reply.content == b"".join(PARTS) for reply in replies)
+    assert endpoints.renders <= 2  # one, or two if the 20 straddle a rendering's sharing window
+
+
+async def test_pipelined_gzip_scrapes_are_compressed_once() -> None:
+    endpoints = Counting(PARTS, cost=0.2)
+    request = b"GET /metrics HTTP/1.1\r\nHost: w\r\nAccept-Encoding: gzip\r\n\r\n"
+    async with serving(endpoints) as server:
+        answer = await exchange(
+            server, request * 39 + request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+        )
+    assert answer.count(b"HTTP/1.1 200 ") == 40
+    assert endpoints.renders <= 2
+
+
+async def test_at_the_connection_cap_the_longest_idle_connection_gives_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(server_module, "MAX_CONNECTIONS", 4)
+    async with serving(Counting(PARTS)) as server:
+        idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(4)]
+        await asyncio.sleep(0.2)  # all four accepted, in this order
+        with capture_logs() as logs:
+            answer = await exchange(
+                server, GET_HEALTHZ + GET_HEALTHZ.replace(b"w\r\n", b"w\r\nConnection: close\r\n")
+            )
+            async with asyncio.timeout(5):
+                assert await idle[0][0].read(-1) == b""  # the oldest was closed, silently
+        for _, writer in idle:
+            writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert [log["event"] for log in logs] == ["connection_limit_reached"]
+
+
+async def test_at_the_connection_cap_with_none_idle_a_new_one_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(server_module, "MAX_CONNECTIONS", 4)
+    async with serving(Counting(BIG)) as server:
+        busy = [await stalled_client(server, GET_METRICS) for _ in range(4)]
+        await asyncio.sleep(0.2)
+        try:
+            answer = await exchange(server, GET_HEALTHZ)
+        except ConnectionError:
+            answer = b""  # refused before the answer could be read: as good
+        finally:
+            for sock in busy:
+                sock.close()
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 503 ")
+
+
+async def test_running_out_of_descriptors_on_accept_is_one_log_line(server: Server) -> None:
+    loop = asyncio.get_running_loop()
+    failure = {
+        "message": "socket.accept() out of system resource",
+        "exception": OSError(errno.EMFILE, "Too many open files"),
+    }
+    with capture_logs() as logs:
+        for _ in range(3):  # asyncio retries once a second while it lasts
+            loop.call_exception_handler(failure)
+        await exchange(server, GET_HEALTHZ.replace(b"w\r\n", b"w\r\nConnection: close\r\n"))
+    assert [(log["event"], log["log_level"]) for log in logs] == [
+        ("accept_failed", "error"),
+        ("accept_recovered", "info"),
+    ]
+    assert "Too many open files" in logs[0]["error"]
