@@ -59,10 +59,14 @@ def test_serverless_sampler_ids_are_null() -> None:
     assert (sampler.model_id, sampler.deployment_id) == ("", "")
 
 
-def test_sampler_without_its_id_keys_is_still_invalid() -> None:
+def test_serverless_sampler_ids_may_be_left_out_or_must_be_strings() -> None:
     body = run_json()
-    del body["sampler"]["model_id"]
-    with pytest.raises(InvalidRun, match="model_id is missing"):
+    del body["sampler"]["model_id"], body["sampler"]["deployment_id"]
+    sampler = parse_run(body).sampler
+    assert sampler is not None
+    assert (sampler.model_id, sampler.deployment_id) == ("", "")
+    body["sampler"]["model_id"] = 7
+    with pytest.raises(InvalidRun, match="model_id is not a string"):
         parse_run(body)
 
 

@@ -136,10 +136,9 @@ def _field(obj: dict[str, Any], key: str, where: str) -> str:
 
 
 def _nullable(obj: dict[str, Any], key: str, where: str) -> str:
-    """A key every version sends whose value may be null (a serverless sampler's IDs)."""
-    if obj.get(key) is None and key in obj:
-        return ""
-    return _field(obj, key, where)
+    """A value that is null, or left out, for a serverless sampler's IDs (Baseten's SDK
+    defaults both to None); empty then, as an unknown label is."""
+    return "" if obj.get(key) is None else _field(obj, key, where)
 
 
 def _optional_str(obj: dict[str, Any], key: str) -> str | None:
