@@ -471,7 +471,7 @@ def _row(record: RunRecord, now: float) -> str:
         good = "ok" if failures == 0 else "bad"
         poll = f'<span class="result {good}">{result}</span> {_time(record.last_poll, now)}'
     since = "" if record.since is None else _time(record.since, now, suffix="")
-    shown = list(reversed(record.recent))[:TRANSITIONS_SHOWN]
+    shown = record.recent[::-1][:TRANSITIONS_SHOWN]
     history = (
         "<ol>"
         + "".join(
