@@ -32,7 +32,7 @@
   let lastGood = 0; // our time of the last good fetch
   let failure = ""; // why the last fetch failed, if it did
   let failingSince = 0;
-  const seen = new Map(); // run_id -> status in the previous document
+  let seen = new Map(); // run_id -> status in the previous document
   const changedAt = new Map(); // run_id -> our time its status was seen to change
   const haystacks = new WeakMap();
   const state = readState(location.search);
@@ -303,10 +303,15 @@
 
   function accept(next) {
     const moment = Date.now();
+    const statuses = new Map();
     for (const run of next.runs) {
       const before = seen.get(run.run_id);
       if (before !== undefined && before !== run.status) changedAt.set(run.run_id, moment);
-      seen.set(run.run_id, run.status);
+      statuses.set(run.run_id, run.status);
+    }
+    seen = statuses; // runs no longer watched are forgotten, so a page left open does not grow
+    for (const [runId, at] of changedAt) {
+      if (moment - at >= HIGHLIGHT_MS) changedAt.delete(runId);
     }
     doc = next;
   }
