@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from watcher.page import (
     render_page,
     run_json,
 )
-from watcher.server import Request
+from watcher.server import Request, Response
 from watcher.tracker import RunRecord, Tracker
 
 SCHEMA = json.loads(
@@ -86,12 +88,17 @@ def parse(query: str) -> Query:
     return Query.parse(parse_qs(query))
 
 
+async def awaited(answer: Awaitable[Response]) -> Response:
+    return await answer
+
+
 def get(api: Page, path: str, query: str = "") -> tuple[int, bytes, str, Mapping[str, str]]:
     """Answer as the server would: the exact route, else the longest one ending in `/` above."""
     routes = api.routes()
     below = [p for p in routes if p.endswith("/") and p != "/" and path.startswith(p)]
     handler = routes.get(path) or routes[max(below, key=len)]
-    reply = handler(Request("GET", path, parse_qs(query), {}))
+    answer = handler(Request("GET", path, parse_qs(query), {}))
+    reply = answer if isinstance(answer, Response) else asyncio.run(awaited(answer))
     body = reply.body if isinstance(reply.body, bytes) else b"".join(reply.body)
     return reply.status, body, reply.content_type, reply.headers
 
@@ -387,3 +394,15 @@ def test_static_files_are_served_with_long_caching() -> None:
 )
 def test_durations_read_short(seconds: float, text: str) -> None:
     assert duration(seconds) == text
+
+
+def test_the_list_is_gzipped_for_a_browser_that_accepts_it() -> None:
+    tracker = world()
+    api = Page(lambda: tracker.runs, list, lambda: NOW, version="1.2.3")
+    plain = get(api, "/api/v1/runs")
+    reply = asyncio.run(api.runs(Request("GET", "/api/v1/runs", {}, {"accept-encoding": "gzip"})))
+    assert reply.headers["Content-Encoding"] == "gzip"
+    assert reply.headers["Vary"] == "Accept-Encoding"
+    body = reply.body if isinstance(reply.body, bytes) else b"".join(reply.body)
+    assert gzip.decompress(body) == plain[1]
+    assert "Content-Encoding" not in plain[3]

@@ -438,6 +438,18 @@ def _request(event: h11.Request) -> Request:
     )
 
 
+async def compressed(request: Request, response: Response) -> Response:
+    """`response`, gzipped when the client accepts that and the body is worth it."""
+    parts = [response.body] if isinstance(response.body, bytes) else response.body
+    headers = {**response.headers, "Vary": "Accept-Encoding"}
+    if not _accepts_gzip(request.headers.get("accept-encoding", "")) or (
+        _length(parts) <= GZIP_MIN_SIZE
+    ):
+        return replace(response, headers=headers)
+    headers["Content-Encoding"] = "gzip"
+    return replace(response, body=await _gzipped(parts), headers=headers)
+
+
 def _probe(state: tuple[bool, str]) -> Response:
     ok, message = state
     return text(200 if ok else 503, message)
