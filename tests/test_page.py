@@ -16,7 +16,7 @@ import pytest
 from factories import make_run
 
 from watcher.api import Result
-from watcher.model import Run
+from watcher.model import Run, parse_run
 from watcher.page import (
     CLASS_ORDER,
     PAGE_SIZE,
@@ -25,6 +25,7 @@ from watcher.page import (
     Problem,
     Query,
     duration,
+    iso,
     render_page,
     run_json,
 )
@@ -406,3 +407,25 @@ def test_the_list_is_gzipped_for_a_browser_that_accepts_it() -> None:
     body = reply.body if isinstance(reply.body, bytes) else b"".join(reply.body)
     assert gzip.decompress(body) == plain[1]
     assert "Content-Encoding" not in plain[3]
+
+
+def test_a_time_past_year_9999_in_utc_shows_as_unknown_not_an_error() -> None:
+    tracker = Tracker()
+    run = parse_run(
+        {
+            "id": "far0001",
+            "session_id": "s1",
+            "base_model": "Qwen/Qwen3-8B",
+            "base_url": "https://example.invalid",
+            "created_at": "9999-12-31T23:59:59-05:00",
+            "sampler": None,
+        }
+    )
+    read(tracker, run, NOW)
+    api = Page(lambda: tracker.runs, list, lambda: NOW, version="1")
+    status, body, _, _ = get(api, "/api/v1/runs/far0001")
+    assert status == 200
+    assert json.loads(body)["run"]["created_at"] is None
+    assert get(api, "/")[0] == 200
+    assert iso(float("nan")) is None
+    assert iso(1e300) is None

@@ -102,9 +102,14 @@ def run_class(record: RunRecord) -> str:
 
 
 def iso(moment: float | None) -> str | None:
-    if moment is None or not math.isfinite(moment):
+    """ISO 8601 UTC with milliseconds; None for a time no datetime can hold."""
+    if moment is None:
         return None
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    try:  # `9999-12-31T23:59:59-05:00` is a valid API time, but past year 9999 in UTC
+        stamp = datetime.fromtimestamp(moment, UTC)
+    except (OverflowError, ValueError, OSError):
+        return None
+    return stamp.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 # --- what is asked for -------------------------------------------------------------------
@@ -254,8 +259,8 @@ def run_json(record: RunRecord) -> dict[str, Any]:
 def encode_json(value: Any) -> bytes:
     # ASCII escapes keep a lone surrogate from the API encodable; no spaces keep 10,000 runs
     # small; and like Go's encoder, no raw `<>&` for a browser that sniffs JSON as HTML.
-    text = json.dumps(value, ensure_ascii=True, separators=(",", ":"))
-    return text.translate(_JSON_HTML).encode()
+    rendered = json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+    return rendered.translate(_JSON_HTML).encode()
 
 
 _JSON_HTML = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
