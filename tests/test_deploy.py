@@ -33,6 +33,7 @@ DEPLOY = ROOT / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
 RUNBOOK = DEPLOY / "RUNBOOK.md"
+ALERTMANAGER = DEPLOY / "alertmanager"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "loops-watcher.json"
 KUBERNETES = DEPLOY / "kubernetes"
 PROMETHEUS_RULE = KUBERNETES / "base" / "prometheusrule.yaml"
@@ -327,7 +328,7 @@ def test_prometheus_config_passes_promtool() -> None:
 
 
 def test_alertmanager_config_delivers_nowhere_and_inhibits_only_known_alerts() -> None:
-    config = load_yaml(DEPLOY / "alertmanager" / "alertmanager.yml")
+    config = load_yaml(ALERTMANAGER / "alertmanager.yml")
     receivers = {receiver["name"]: receiver for receiver in config["receivers"]}
     routes = [config["route"], *config["route"].get("routes", [])]
     for route in routes:
@@ -349,8 +350,217 @@ def test_alertmanager_config_delivers_nowhere_and_inhibits_only_known_alerts() -
 @pytest.mark.process
 def test_alertmanager_config_passes_amtool() -> None:
     amtool = tool("amtool", "prometheus-alertmanager")
-    result = run(amtool, "check-config", DEPLOY / "alertmanager" / "alertmanager.yml")
+    result = run(amtool, "check-config", ALERTMANAGER / "alertmanager.yml")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert " - 1 templates" in result.stdout
+
+
+def test_compose_mounts_the_alertmanager_config_with_its_templates() -> None:
+    alertmanager = compose()["services"]["alertmanager"]
+    mounts = dict(volume.split(":")[:2] for volume in alertmanager["volumes"])
+    config_file = next(a for a in alertmanager["command"] if a.startswith("--config.file="))
+    assert config_file == f"--config.file={mounts['./alertmanager']}/alertmanager.yml"
+
+
+def switched_on(config: str) -> str:
+    """alertmanager.yml with every commented setting (`# `) uncommented and prose (`## `) gone."""
+    lines = []
+    for line in config.splitlines():
+        text = line.lstrip()
+        if text.startswith("##"):
+            continue
+        indent = line[: len(line) - len(text)]
+        lines.append(indent + text[1:].removeprefix(" ") if text.startswith("#") else line)
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def receivers_on(tmp_path: Path) -> Path:
+    """A copy of the Alertmanager configuration with its example receivers switched on."""
+    copy = tmp_path / "alertmanager"
+    shutil.copytree(ALERTMANAGER, copy)
+    config = copy / "alertmanager.yml"
+    config.write_text(switched_on(config.read_text(encoding="utf-8")), encoding="utf-8")
+    return config
+
+
+def test_commented_receivers_are_valid_once_uncommented(receivers_on: Path) -> None:
+    result = run(tool("amtool", "prometheus-alertmanager"), "check-config", receivers_on)
+    assert result.returncode == 0, result.stdout + result.stderr
+    integrations = {
+        receiver["name"]: {key for key in receiver if key.endswith("_configs")}
+        for receiver in load_yaml(receivers_on)["receivers"]
+    }
+    assert integrations == {
+        "null": set(),
+        "automation": {"webhook_configs"},
+        "owner-email": {"email_configs"},
+        "on-call": {"pagerduty_configs"},
+        "team-chat": {"slack_configs"},
+        "research-chat": {"slack_configs"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("labels", "receivers"),
+    [
+        (
+            {"alertname": "LoopsSamplerFailed", "severity": "critical", "owner": "ada@example.com"},
+            "automation,owner-email,on-call,team-chat",
+        ),
+        (
+            {
+                "alertname": "LoopsSamplerUnhealthy",
+                "severity": "warning",
+                "owner": "ada@example.com",
+            },
+            "automation,owner-email,team-chat",
+        ),
+        (
+            {"alertname": "LoopsSamplerStuckTransitional", "severity": "warning", "owner": ""},
+            "automation,team-chat",
+        ),
+        (
+            {"alertname": "LoopsWatcherDown", "severity": "critical"},
+            "automation,on-call,team-chat",
+        ),
+        (
+            {
+                "alertname": "LoopsSamplerFailed",
+                "severity": "critical",
+                "owner": "bob@research.example.com",
+            },
+            "automation,owner-email,research-chat",
+        ),
+    ],
+)
+def test_alerts_are_routed_by_severity_and_owner(
+    receivers_on: Path, labels: dict[str, str], receivers: str
+) -> None:
+    amtool = tool("amtool", "prometheus-alertmanager")
+    pairs = [f"{key}={value}" for key, value in labels.items()]
+    result = run(amtool, "config", "routes", "test", f"--config.file={receivers_on}", *pairs)
+    assert (result.returncode, result.stdout.strip()) == (0, receivers), result.stderr
+
+
+def render_notification(template: str, data: dict[str, Any], tmp_path: Path) -> str:
+    (tmp_path / "data.json").write_text(json.dumps(data), encoding="utf-8")
+    result = run(
+        tool("amtool", "prometheus-alertmanager"),
+        "template",
+        "render",
+        f"--template.glob={ALERTMANAGER / 'templates' / '*.tmpl'}",
+        f"--template.text={{{{ template {json.dumps(template)} . }}}}",
+        f"--template.data={tmp_path / 'data.json'}",
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def notification(alerts: list[dict[str, Any]], status: str = "firing") -> dict[str, Any]:
+    """The data Alertmanager hands a template for one group of alerts."""
+    common = {
+        key: value
+        for key, value in alerts[0]["labels"].items()
+        if all(alert["labels"].get(key) == value for alert in alerts)
+    }
+    return {
+        "receiver": "team-chat",
+        "status": status,
+        "alerts": alerts,
+        "groupLabels": {"alertname": common["alertname"]},
+        "commonLabels": common,
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager:9093",
+    }
+
+
+def fired(rule_name: str, labels: dict[str, str]) -> dict[str, Any]:
+    """A firing alert of alerts.yml as Prometheus sends it; summary and description stand-ins."""
+    (rule,) = [
+        r
+        for r in alert_rules()
+        if r["alert"] == rule_name and r["labels"] == {"severity": labels["severity"]}
+    ]
+    return {
+        "status": "firing",
+        "labels": {"alertname": rule_name, **labels},
+        "annotations": {
+            "summary": f"summary of {rule_name}",
+            "description": f"description of {rule_name}",
+            "runbook_url": rule["annotations"]["runbook_url"],
+        },
+        "startsAt": "2026-12-01T21:07:25Z",
+        "endsAt": "0001-01-01T00:00:00Z",
+        "generatorURL": "http://prometheus:9090/graph",
+        "fingerprint": "0123456789abcdef",
+    }
+
+
+RUN_LABELS = {
+    "job": JOB,
+    "instance": f"watcher:{DEFAULT_PORT}",
+    "run_id": "ujzde8g",
+    "run_name": "llama31-8b-dpo",
+    "base_model": "meta-llama/Llama-3.1-8B-Instruct",
+    "model_id": "wd1x2zq",
+    "deployment_id": "q4k8m1p",
+    "owner": "ada@example.com",
+}
+
+
+def test_notification_names_run_model_owner_status_since_when_and_runbook(
+    tmp_path: Path,
+) -> None:
+    alert = fired("LoopsSamplerFailed", {**RUN_LABELS, "severity": "critical", "status": "FAILED"})
+    data = notification([alert])
+    title = render_notification("loops.title", data, tmp_path)
+    assert title == "[FIRING:1] LoopsSamplerFailed: llama31-8b-dpo (FAILED)"
+    text = render_notification("loops.text", data, tmp_path)
+    lines = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    assert lines["Run"].strip() == "llama31-8b-dpo (ujzde8g)"
+    assert lines["Model"].strip() == (
+        "meta-llama/Llama-3.1-8B-Instruct, model wd1x2zq, deployment q4k8m1p"
+    )
+    assert lines["Owner"].strip() == "ada@example.com"
+    assert lines["Status"].strip() == "FAILED"
+    assert lines["Firing"].strip() == "since 2026-12-01 21:07:25 UTC"
+    runbook = f"{makefile_variable('RUNBOOK_URL')}#loopssamplerfailed"
+    assert lines["Runbook"].strip() == runbook
+    assert render_notification("loops.runbook", data, tmp_path) == runbook
+    assert "description of LoopsSamplerFailed" in text
+
+    resolved = notification(
+        [{**alert, "status": "resolved", "endsAt": "2026-12-01T21:31:00Z"}], status="resolved"
+    )
+    assert render_notification("loops.title", resolved, tmp_path).startswith("[RESOLVED] ")
+    assert "Resolved: 2026-12-01 21:31:00 UTC, after firing for 23m35s" in render_notification(
+        "loops.text", resolved, tmp_path
+    )
+
+
+def test_notification_of_a_watcher_alert_or_an_unread_run_falls_back(tmp_path: Path) -> None:
+    watcher = fired(
+        "LoopsWatcherApiKeyRejected",
+        {"job": JOB, "instance": "watcher:9877", "severity": "critical"},
+    )
+    data = notification([watcher])
+    assert render_notification("loops.title", data, tmp_path) == (
+        "[FIRING:1] LoopsWatcherApiKeyRejected: watcher:9877"
+    )
+    text = render_notification("loops.text", data, tmp_path)
+    assert "Run:" not in text
+    assert "Owner:" not in text
+    assert "Runbook: https://" in text
+
+    unread = fired(
+        "LoopsWatcherPollFailing",
+        {"job": JOB, "instance": "watcher:9877", "run_id": "gone123", "severity": "warning"},
+    )
+    text = render_notification("loops.text", notification([unread]), tmp_path)
+    assert "Run:     (unnamed) (gone123)" in text
+    assert "Model:   unknown\n" in text
+    assert "Owner:   unknown" in text
 
 
 # --- alert rules -----------------------------------------------------------------------------
