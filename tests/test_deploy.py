@@ -733,9 +733,9 @@ def test_alerts_and_dashboard_use_only_contract_metric_and_label_names() -> None
         )
         assert labels <= ALLOWED_LABELS, f"{where}: not contract labels: {labels - ALLOWED_LABELS}"
         used |= metrics
-    # Every metric is shown or alerted on somewhere, except the two only kept for joins/tables.
+    # Every metric is shown or alerted on somewhere, except the one only kept for joins.
     unused = {name for name in EXPORTED_METRICS if not series_names(name) & used}
-    assert unused == {"baseten_loops_run_status", "baseten_loops_run_created_timestamp_seconds"}
+    assert unused == {"baseten_loops_run_status"}
 
 
 def test_alert_unit_tests_feed_series_shaped_like_the_contracts() -> None:
@@ -836,7 +836,7 @@ def test_dashboard_colours_every_documented_status() -> None:
         o for o in table["fieldConfig"]["overrides"] if o["matcher"]["options"] == "status"
     ]
     mappings = next(p["value"] for p in override["properties"] if p["id"] == "mappings")
-    assert set(mappings[0]["options"]) == set(SAMPLER_STATUSES)
+    assert set(mappings[0]["options"]) == {*SAMPLER_STATUSES, NO_SAMPLER}
     assert mappings[-1]["type"] == "regex", "an undocumented status still gets a colour"
 
     # The state timeline encodes each status as a number in PromQL and maps it back to a name.
@@ -855,7 +855,7 @@ def contract_series() -> list[dict[str, str]]:
     """Two hours of every contract metric at a 15 s scrape interval, shaped like a busy watcher.
 
     Runs a, b and c are ACTIVE, UNHEALTHY and WAKING_UP; run d has never been read (its key is
-    rejected), so it has only poll series.
+    rejected), so it has only poll series; run e has no sampler.
     """
     steps = 480
     target = f'job="{JOB}",instance="watcher:{DEFAULT_PORT}"'
@@ -914,6 +914,21 @@ def contract_series() -> list[dict[str, str]]:
         add("loops_watcher_last_success_timestamp_seconds", f"0+15x{steps}", run_id=run_id)
         add("loops_watcher_polls_total", counter(0.5), run_id=run_id, result="ok")
     add("loops_watcher_poll_success", f"0x{steps}", run_id="run-d")
+    # run-e is trainer-only: identity, creation time and polls, no sampler series.
+    add(
+        "baseten_loops_run_info",
+        f"1x{steps}",
+        run_id="run-e",
+        run_name="run-e-trainer",
+        session_id="sess-run-e",
+        base_model="Qwen/Qwen3-8B",
+        sampler_id="",
+        model_id="",
+        deployment_id="",
+        owner="",
+    )
+    add("baseten_loops_run_created_timestamp_seconds", f"0x{steps}", run_id="run-e")
+    add("loops_watcher_poll_success", f"1x{steps}", run_id="run-e")
     add("loops_watcher_polls_total", counter(0.5), run_id="run-d", result="unauthorized")
     for status in ("WAKING_UP", "BUILDING", "ACTIVE"):
         histogram(
@@ -974,6 +989,98 @@ def test_every_dashboard_query_returns_data_from_contract_metrics(tmp_path: Path
         if re.search(rf"\bquery_{index}\b", output)
     ]
     assert result.returncode == 0, "\n".join(empty) or output
+
+
+NO_SAMPLER = "no sampler"
+
+
+def panel_query(title: str) -> str:
+    (panel,) = [panel for panel in panels() if panel["title"] == title]
+    (target,) = panel["targets"]
+    return substitute(target["expr"])
+
+
+def assert_query_values(
+    tmp_path: Path, series: list[dict[str, str]], expected: dict[str, dict[str, float]]
+) -> None:
+    """Evaluate each PromQL expression at 2 h over `series`: {labels: value} as promtool prints."""
+    unit_test = {
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": series,
+                "promql_expr_test": [
+                    {
+                        "expr": expr,
+                        "eval_time": "2h",
+                        "exp_samples": [
+                            {"labels": labels, "value": value} for labels, value in samples.items()
+                        ],
+                    }
+                    for expr, samples in expected.items()
+                ],
+            }
+        ],
+    }
+    (tmp_path / "values_test.yml").write_text(yaml.safe_dump(unit_test), encoding="utf-8")
+    promtool = tool("promtool", "prometheus")
+    result = run(promtool, "test", "rules", tmp_path / "values_test.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_status_table_lists_every_read_run_those_without_a_sampler_too(tmp_path: Path) -> None:
+    table = panel_query("Current status of every run")
+    assert_query_values(
+        tmp_path,
+        contract_series(),
+        {
+            f"count by (status) (\n{table}\n)": {
+                '{status="ACTIVE"}': 1,
+                '{status="UNHEALTHY"}': 1,
+                '{status="WAKING_UP"}': 1,
+                f'{{status="{NO_SAMPLER}"}}': 1,
+            },
+            # Every run with an identity has one row, carrying its owner.
+            f"count(\n{table}\n) - count(baseten_loops_run_info)": {"{}": 0},
+            f"count by (owner) (\n{table}\n)": {'{owner="ada@example.com"}': 3, "{}": 1},
+            # Time in status (since 600 s), and for run e, created at 0, its age.
+            f"max by (status) (\n{table}\n)": {
+                '{status="ACTIVE"}': 6600,
+                '{status="UNHEALTHY"}': 6600,
+                '{status="WAKING_UP"}': 6600,
+                f'{{status="{NO_SAMPLER}"}}': 7200,
+            },
+        },
+    )
+
+
+def test_stats_that_are_legitimately_zero_show_0(tmp_path: Path) -> None:
+    """One ACTIVE run read fine, no retries ever: counts are 0, not "No data"."""
+    target = f'job="{JOB}",instance="watcher:{DEFAULT_PORT}"'
+    series = [
+        {"series": f"up{{{target}}}", "values": "1x480"},
+        {"series": f'loops_watcher_poll_success{{{target},run_id="run-a"}}', "values": "1x480"},
+        {"series": f'baseten_loops_run_info{{{target},run_id="run-a"}}', "values": "1x480"},
+    ] + [
+        {
+            "series": f'baseten_loops_sampler_status{{{target},run_id="run-a",status="{status}"}}',
+            "values": f"{int(status == 'ACTIVE')}x480",
+        }
+        for status in SAMPLER_STATUSES
+    ]
+    zero = {"{}": 0}
+    assert_query_values(
+        tmp_path,
+        series,
+        {
+            panel_query("Samplers ready"): {"{}": 1},
+            panel_query("Samplers in transition"): zero,
+            panel_query("Samplers failing or failed"): zero,
+            panel_query("Runs not read"): zero,
+            panel_query("Retries in the selected range"): zero,
+        },
+    )
 
 
 # --- Kubernetes ------------------------------------------------------------------------------
