@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -1001,7 +1001,7 @@ def panel_query(title: str) -> str:
 
 
 def assert_query_values(
-    tmp_path: Path, series: list[dict[str, str]], expected: dict[str, dict[str, float]]
+    tmp_path: Path, series: list[dict[str, str]], expected: Mapping[str, Mapping[str, float]]
 ) -> None:
     """Evaluate each PromQL expression at 2 h over `series`: {labels: value} as promtool prints."""
     unit_test = {
