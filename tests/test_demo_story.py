@@ -152,7 +152,6 @@ def expected_checks(specs: dict[str, RunSpec]) -> list[dict[str, Any]]:
                             "exp_labels": {
                                 "severity": s.severity,
                                 "job": JOB,
-                                "instance": INSTANCE,
                                 "status": s.status,
                                 **{
                                     key: value

@@ -499,7 +499,6 @@ def fired(rule_name: str, labels: dict[str, str]) -> dict[str, Any]:
 
 RUN_LABELS = {
     "job": JOB,
-    "instance": f"watcher:{DEFAULT_PORT}",
     "run_id": "ujzde8g",
     "run_name": "llama31-8b-dpo",
     "base_model": "meta-llama/Llama-3.1-8B-Instruct",
@@ -527,6 +526,7 @@ def test_notification_names_run_model_owner_status_since_when_and_runbook(
     assert lines["Firing"].strip() == "since 2026-12-01 21:07:25 UTC"
     runbook = f"{makefile_variable('RUNBOOK_URL')}#loopssamplerfailed"
     assert lines["Runbook"].strip() == runbook
+    assert lines["Watcher"].strip() == JOB
     assert render_notification("loops.runbook", data, tmp_path) == runbook
     assert "description of LoopsSamplerFailed" in text
 
@@ -542,11 +542,11 @@ def test_notification_names_run_model_owner_status_since_when_and_runbook(
 def test_notification_of_a_watcher_alert_or_an_unread_run_falls_back(tmp_path: Path) -> None:
     watcher = fired(
         "LoopsWatcherApiKeyRejected",
-        {"job": JOB, "instance": "watcher:9877", "severity": "critical"},
+        {"job": JOB, "severity": "critical"},
     )
     data = notification([watcher])
     assert render_notification("loops.title", data, tmp_path) == (
-        "[FIRING:1] LoopsWatcherApiKeyRejected: watcher:9877"
+        "[FIRING:1] LoopsWatcherApiKeyRejected: loops-watcher"
     )
     text = render_notification("loops.text", data, tmp_path)
     assert "Run:" not in text
@@ -555,12 +555,25 @@ def test_notification_of_a_watcher_alert_or_an_unread_run_falls_back(tmp_path: P
 
     unread = fired(
         "LoopsWatcherPollFailing",
-        {"job": JOB, "instance": "watcher:9877", "run_id": "gone123", "severity": "warning"},
+        {"job": JOB, "run_id": "gone123", "severity": "warning"},
     )
     text = render_notification("loops.text", notification([unread]), tmp_path)
     assert "Run:     (unnamed) (gone123)" in text
     assert "Model:   unknown\n" in text
     assert "Owner:   unknown" in text
+
+    discovery = fired(
+        "LoopsWatcherDiscoveryFailing",
+        {"job": JOB, "shard": "2", "total_shards": "4", "severity": "warning"},
+    )
+    text = render_notification("loops.text", notification([discovery]), tmp_path)
+    assert f"Watcher: {JOB} shard 2\n" in text
+    replica = fired(
+        "LoopsWatcherDown",
+        {"job": JOB, "instance": "10.0.0.7:9877", "shard": "1", "severity": "warning"},
+    )
+    text = render_notification("loops.text", notification([replica]), tmp_path)
+    assert f"Watcher: {JOB} shard 1 (10.0.0.7:9877)\n" in text
 
 
 # --- alert rules -----------------------------------------------------------------------------
