@@ -409,7 +409,8 @@ def test_fault_is_counted_and_survived(rig: Rig, target: str, case: Case) -> Non
     )
     assert recovered.status_of(target) == "ACTIVE"
     assert recovered.value("loops_watcher_poll_success", run_id=BYSTANDER) == 1
-    assert watcher.logs("poll_recovered", since=mark, run_id=target)
+    # The scrape can see the success before the log line has been read from the pipe.
+    watcher.wait_for_log("poll_recovered", since=mark, run_id=target)
     assert_log_lines_well_formed(watcher.logs(since=mark))
 
 
