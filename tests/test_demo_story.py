@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from test_deploy import ALERTS, DEFAULT_PORT, JOB, alert_rules, load_yaml, run, tool
 
@@ -189,6 +190,7 @@ def test_the_story_names_runs_of_the_demo() -> None:
     }
 
 
+@pytest.mark.process
 def test_the_demo_fires_exactly_the_scripted_alerts_each_in_time(tmp_path: Path) -> None:
     promtool = tool("promtool", "prometheus")
     scenario = load_scenario("demo")

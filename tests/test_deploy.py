@@ -384,6 +384,7 @@ def receivers_on(tmp_path: Path) -> Path:
     return config
 
 
+@pytest.mark.process
 def test_commented_receivers_are_valid_once_uncommented(receivers_on: Path) -> None:
     result = run(tool("amtool", "prometheus-alertmanager"), "check-config", receivers_on)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -401,6 +402,7 @@ def test_commented_receivers_are_valid_once_uncommented(receivers_on: Path) -> N
     }
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("labels", "receivers"),
     [
@@ -508,6 +510,7 @@ RUN_LABELS = {
 }
 
 
+@pytest.mark.process
 def test_notification_names_run_model_owner_status_since_when_and_runbook(
     tmp_path: Path,
 ) -> None:
@@ -539,6 +542,7 @@ def test_notification_names_run_model_owner_status_since_when_and_runbook(
     )
 
 
+@pytest.mark.process
 def test_notification_of_a_watcher_alert_or_an_unread_run_falls_back(tmp_path: Path) -> None:
     watcher = fired(
         "LoopsWatcherApiKeyRejected",
@@ -1042,6 +1046,7 @@ def assert_query_values(
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.process
 def test_status_table_lists_every_read_run_those_without_a_sampler_too(tmp_path: Path) -> None:
     table = panel_query("Current status of every run")
     assert_query_values(
@@ -1068,6 +1073,7 @@ def test_status_table_lists_every_read_run_those_without_a_sampler_too(tmp_path:
     )
 
 
+@pytest.mark.process
 def test_stats_that_are_legitimately_zero_show_0(tmp_path: Path) -> None:
     """One ACTIVE run read fine, no retries ever: counts are 0, not "No data"."""
     target = f'job="{JOB}",instance="watcher:{DEFAULT_PORT}"'
