@@ -57,9 +57,9 @@ READ_SIZE = 64 * 1024
 # Bodies go out in pieces of this size, each written only once the last one has mostly left,
 # so a client that does not read holds at most about two pieces of the watcher's memory.
 WRITE_CHUNK = 64 * 1024
-SEND_BUFFER = 256 * 1024  # the kernel's, per connection (it doubles it for its bookkeeping)
+SEND_BUFFER = 1024 * 1024  # the kernel's, per connection (it doubles it for its bookkeeping)
 # A connection sending a big body, or a scrape being compressed, lets others run this often.
-TURN = 1024 * 1024
+TURN = 4 * 1024 * 1024
 GZIP_MIN_SIZE = 1024
 TEXT = "text/plain; charset=utf-8"
 ACCEPT_OUT_OF_RESOURCES = "socket.accept() out of system resource"  # asyncio's words
@@ -136,6 +136,8 @@ class Server:
         self._max_connections = MAX_CONNECTIONS
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
+        # The connections waiting for a request not yet begun, the longest waiting first.
+        self._idle: dict[_Connection, None] = {}
         self._handlers: set[asyncio.Task[None]] = set()
         self._shared: dict[tuple[str, bool], _Shared] = {}
         self._at_limit = False
@@ -278,10 +280,10 @@ class Server:
                     note="the longest idle connection is closed to make room; "
                     "with none idle, a new connection gets 503",
                 )
-            idle = [c for c in self._connections if c.idle_since is not None]
-            if not idle:
+            if not self._idle:
                 return False
-            oldest = min(idle, key=lambda c: c.idle_since or 0.0)
+            oldest = next(iter(self._idle))  # idle the longest: they are kept in that order
+            del self._idle[oldest]
             self._connections.discard(oldest)
             oldest.writer.close()
         self._connections.add(connection)
@@ -291,7 +293,7 @@ class Server:
         handler = asyncio.current_task()
         assert handler is not None
         self._handlers.add(handler)
-        connection = _Connection(self, reader, writer)
+        connection = _Connection(reader, writer, self.answer, self._idle)
         # Left to itself the kernel lets a socket buffer 4 MB that a client never reads (memory
         # charged to the watcher's cgroup all the same); this is plenty for loopback and LANs.
         writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
@@ -306,6 +308,7 @@ class Server:
             pass
         finally:
             self._connections.discard(connection)
+            self._idle.pop(connection, None)
             self._handlers.discard(handler)
             await connection.close()
 
@@ -314,13 +317,17 @@ class _Connection:
     """One client connection: h11's state machine fed from the socket and written to it."""
 
     def __init__(
-        self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        answer: Callable[[Request], Awaitable[Response]],
+        idle: dict[_Connection, None],
     ) -> None:
-        self.server = server
         self.reader = reader
         self.writer = writer
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
-        self.idle_since: float | None = None  # set while waiting for a request not yet begun
+        self._answer = answer
+        self._idle = idle  # the server's: this connection is in it while it waits for a request
 
     async def serve(self) -> None:
         conn = self.conn
@@ -333,7 +340,7 @@ class _Connection:
                 return
             if request is None:
                 return
-            response = await self.server.answer(request)
+            response = await self._answer(request)
             await self.send(response, head=request.method == "HEAD")
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
@@ -346,7 +353,7 @@ class _Connection:
         body = 0
         started = bool(conn.trailing_data[0])  # a pipelined request already (partly) read
         if not started:
-            self.idle_since = time.monotonic()
+            self._idle[self] = None
         try:
             timeout = REQUEST_TIMEOUT if started else KEEPALIVE_TIMEOUT
             async with asyncio.timeout(timeout) as deadline:
@@ -355,7 +362,8 @@ class _Connection:
                     if event is h11.NEED_DATA:
                         data = await self.reader.read(READ_SIZE)
                         if data and not started:
-                            started, self.idle_since = True, None
+                            started = True
+                            self._idle.pop(self, None)
                             deadline.reschedule(asyncio.get_running_loop().time() + REQUEST_TIMEOUT)
                         conn.receive_data(data)
                     elif isinstance(event, h11.Request):
@@ -378,7 +386,7 @@ class _Connection:
                 raise _Refused(408, "request not received in time") from None
             return None  # an idle keep-alive connection: closed without a word
         finally:
-            self.idle_since = None
+            self._idle.pop(self, None)
 
     async def send(self, response: Response, *, head: bool = False, close: bool = False) -> None:
         parts = [response.body] if isinstance(response.body, bytes) else response.body
