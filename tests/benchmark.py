@@ -54,7 +54,7 @@ from typing import IO, Any
 import httpx
 
 from watcher.model import StatusClass, status_class
-from watcher.scenarios import RunSpec, synthetic_scenario
+from watcher.simulator.scenarios import RunSpec, synthetic_scenario
 
 KEY = "bench-fake-key-not-a-secret"
 HOST = "127.0.0.1"

@@ -25,8 +25,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from watcher.scenarios import RunSpec, Scenario, Step
 from watcher.simulator import SimulatorThread
+from watcher.simulator.scenarios import RunSpec, Scenario, Step
 
 T = TypeVar("T")
 

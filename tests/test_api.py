@@ -24,9 +24,9 @@ from watcher.api import (
     ConnectionStack,
     LoopsClient,
     RateLimiter,
-    Result,
     parse_retry_after,
 )
+from watcher.model import Result
 
 FAKE_KEY = "fake-key-for-tests"
 

@@ -13,10 +13,9 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from watcher import daemon
-from watcher.api import Outcome, Result
 from watcher.config import load_settings
 from watcher.daemon import DISCOVERY_FAILING_AFTER, Watcher, change_level
-from watcher.model import SAMPLER_STATUSES, Run
+from watcher.model import SAMPLER_STATUSES, Outcome, Result, Run
 
 FAKE_KEY = "fake-daemon-key"
 

@@ -1,8 +1,9 @@
 """The demo tells a story: run through the real alert rules, it fires exactly the scripted alerts.
 
-The built-in scenario (watcher/scenarios/demo.json) is a normal day compressed (scale to zero,
-wake-ups, a deploy, an update, a run finishing) plus three incidents. Its timeline is sampled
-every 15 s, as the compose stack scrapes, into the series the watcher exports; promtool
+The built-in scenario (watcher/simulator/scenarios/demo.json) is a normal day compressed
+(scale to zero, wake-ups, a deploy, an update, a run finishing) plus three incidents. Its
+timeline is sampled every 15 s, as the compose stack scrapes, into the series the watcher
+exports; promtool
 evaluates deploy/prometheus/alerts.yml over 90 minutes of them, and every minute the alerts
 firing must be exactly the scripted ones. Each scripted alert is allowed a minute either side of
 the moment the story gives it; no other alert may fire at any time, for any run.
@@ -20,7 +21,7 @@ import yaml
 from test_deploy import ALERTS, DEFAULT_PORT, JOB, alert_rules, load_yaml, run, tool
 
 from watcher.model import SAMPLER_STATUSES
-from watcher.scenarios import RunSpec, load_scenario
+from watcher.simulator.scenarios import RunSpec, load_scenario
 
 SCRAPE = 15  # seconds, the compose stack's scrape and evaluation interval
 HORIZON = 90  # minutes

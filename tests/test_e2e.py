@@ -37,8 +37,7 @@ from e2e_support import (
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
 from watcher import __version__
-from watcher.api import Result
-from watcher.model import SAMPLER_STATUSES
+from watcher.model import SAMPLER_STATUSES, Result
 from watcher.simulator import Fault, SimulatorThread
 
 pytestmark = pytest.mark.e2e

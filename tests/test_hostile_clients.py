@@ -23,8 +23,8 @@ from e2e_support import (
     wait_until,
 )
 
-from watcher.scenarios import synthetic_scenario
 from watcher.simulator import SimulatorThread
+from watcher.simulator.scenarios import synthetic_scenario
 
 pytestmark = pytest.mark.e2e
 

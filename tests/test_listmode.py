@@ -21,9 +21,9 @@ from structlog.testing import capture_logs
 from watcher.cli import run_once
 from watcher.config import Settings, load_settings
 from watcher.daemon import LIST_MODE_MIN_RUNS, Watcher
-from watcher.scenarios import Scenario
 from watcher.sharding import shard_of
 from watcher.simulator import Fault, Simulator
+from watcher.simulator.scenarios import Scenario
 
 FAKE_KEY = "fake-listmode-key"
 CALLER = "ada@example.com"

@@ -13,9 +13,8 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 from prometheus_client.samples import Sample
 
-from watcher.api import Result
 from watcher.metrics import Metrics
-from watcher.model import SAMPLER_STATUSES
+from watcher.model import SAMPLER_STATUSES, Result
 from watcher.sharding import Shard
 from watcher.tracker import Tracker
 

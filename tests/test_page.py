@@ -15,8 +15,7 @@ import jsonschema
 import pytest
 from factories import make_run
 
-from watcher.api import Result
-from watcher.model import Run, parse_run
+from watcher.model import Result, Run, parse_run
 from watcher.page import (
     CLASS_ORDER,
     PAGE_SIZE,

@@ -29,8 +29,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.wait import WebDriverWait
 
-from watcher.scenarios import RunSpec, Scenario, Step
 from watcher.simulator import SimulatorThread
+from watcher.simulator.scenarios import RunSpec, Scenario, Step
 
 pytestmark = pytest.mark.e2e
 

@@ -23,8 +23,8 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from watcher.model import SAMPLER_STATUSES, InvalidRun, ListDecoder, parse_run_response
-from watcher.scenarios import RunSpec, Scenario, Step, load_scenario, synthetic_scenario
 from watcher.simulator import Fault, Simulator, SimulatorThread
+from watcher.simulator.scenarios import RunSpec, Scenario, Step, load_scenario, synthetic_scenario
 
 KEY = "test-key-not-secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}

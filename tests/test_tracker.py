@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from factories import make_run
 
-from watcher.api import Result
+from watcher.model import Result
 from watcher.tracker import (
     RECENT_TRANSITIONS,
     Changed,

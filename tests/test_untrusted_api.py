@@ -14,10 +14,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from watcher.api import Outcome, Result
 from watcher.config import load_settings
 from watcher.daemon import DISCOVERY_FAILING_AFTER, Watcher
-from watcher.model import InvalidRun, Run, RunList, parse_run
+from watcher.model import InvalidRun, Outcome, Result, Run, RunList, parse_run
 
 FAKE_KEY = "fake-untrusted-api-key"
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import enum
 import json
 import math
 import time
@@ -54,7 +53,15 @@ from tenacity import (
 )
 
 from watcher import __version__
-from watcher.model import InvalidRun, ListDecoder, Run, RunList, parse_run_response
+from watcher.model import (
+    InvalidRun,
+    ListDecoder,
+    Outcome,
+    Result,
+    Run,
+    RunList,
+    parse_run_response,
+)
 
 T = TypeVar("T")
 
@@ -63,18 +70,6 @@ LIST_BODY_CAP = 64 * 1024 * 1024
 ERROR_BODY_CAP = 16 * 1024
 RETRY_AFTER_CAP = 60.0
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-
-
-class Result(enum.StrEnum):
-    OK = "ok"
-    NOT_FOUND = "not_found"
-    UNAUTHORIZED = "unauthorized"
-    FORBIDDEN = "forbidden"
-    RATE_LIMITED = "rate_limited"
-    SERVER_ERROR = "server_error"
-    TIMEOUT = "timeout"
-    CONNECTION_ERROR = "connection_error"
-    INVALID_RESPONSE = "invalid_response"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,19 +83,6 @@ class Attempt(Generic[T]):
     retry_after: float | None = None
     value: T | None = None
     requested: float = 0.0  # time.monotonic() when the attempt was sent
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome(Generic[T]):
-    """What one poll (one or more attempts) came to."""
-
-    result: Result
-    value: T | None
-    detail: str
-    attempts: int
-    code: str
-    retry_after: float | None = None
-    requested: float = 0.0  # when its last attempt was sent: orders answers that cross
 
 
 class ClientObserver(Protocol):

@@ -20,7 +20,6 @@ from typing import Any, TextIO
 from prometheus_client import CollectorRegistry, disable_created_metrics
 from pydantic import SecretStr
 
-from watcher.api import Result
 from watcher.config import (
     API_KEY_ENV,
     ConfigError,
@@ -32,8 +31,7 @@ from watcher.config import (
 )
 from watcher.daemon import Watcher, install_signal_handlers
 from watcher.logs import configure_logging, get_logger
-from watcher.model import StatusClass, status_class
-from watcher.simulator import Simulator, load_scenario
+from watcher.model import Result, StatusClass, status_class
 from watcher.tracker import RunRecord
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNREADABLE = 0, 1, 2, 3
@@ -43,6 +41,9 @@ DEMO_INTERVALS = {"poll_interval": 3.0, "fast_poll_interval": 1.0}
 @asynccontextmanager
 async def demo_backend(settings: Settings) -> AsyncIterator[Settings]:
     """Start the simulator on loopback; yield the settings aimed at it."""
+    # Imported here: the simulator is a test instrument, loaded only when --demo asks for it.
+    from watcher.simulator import Simulator, load_scenario  # noqa: PLC0415
+
     key = "demo-" + secrets.token_urlsafe(16)
     simulator = Simulator(load_scenario("demo"), api_keys=[key])
     await simulator.start("127.0.0.1", 0)

@@ -22,12 +22,14 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from watcher import __version__
-from watcher.api import RETRY_AFTER_CAP, LoopsClient, Outcome, Result
+from watcher.api import RETRY_AFTER_CAP, LoopsClient
 from watcher.config import ConfigError, Settings, check_run_id, read_run_ids_file, redacted
 from watcher.logs import LEVELS, get_logger
 from watcher.metrics import Metrics
 from watcher.model import (
     InvalidRun,
+    Outcome,
+    Result,
     Run,
     RunList,
     StatusClass,

@@ -18,7 +18,37 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Result(enum.StrEnum):
+    """How one poll ended: the contract's closed set of `result` label values."""
+
+    OK = "ok"
+    NOT_FOUND = "not_found"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    RATE_LIMITED = "rate_limited"
+    SERVER_ERROR = "server_error"
+    TIMEOUT = "timeout"
+    CONNECTION_ERROR = "connection_error"
+    INVALID_RESPONSE = "invalid_response"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome(Generic[T]):
+    """What one poll (one or more attempts) came to."""
+
+    result: Result
+    value: T | None
+    detail: str
+    attempts: int
+    code: str
+    retry_after: float | None = None
+    requested: float = 0.0  # when its last attempt was sent: orders answers that cross
+
 
 # The 14 documented sampler statuses, in the order Baseten's schema lists them.
 SAMPLER_STATUSES: tuple[str, ...] = (

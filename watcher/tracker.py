@@ -22,8 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from watcher.api import Result
-from watcher.model import OTHER, Run, is_documented
+from watcher.model import OTHER, Result, Run, is_documented
 
 UNDOCUMENTED_PER_RUN = 3
 # Undocumented values remembered for warning once each; past this the oldest are forgotten.

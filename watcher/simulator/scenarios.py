@@ -3,7 +3,7 @@
 Pure data and arithmetic: the only I/O is reading a scenario file, and time comes in as
 seconds elapsed since the simulator started, so tests can step it.
 
-Scenario file format (JSON; the built-in ones live in `watcher/scenarios/<name>.json`)::
+Scenario file format (JSON; the built-in ones live in `watcher/simulator/scenarios/<name>.json`)::
 
     {
       "caller": "ada@example.com",        # the user the API key belongs to: without
@@ -152,7 +152,7 @@ def load_scenario(name_or_path: str) -> Scenario:
     Raises OSError when the file cannot be read and pydantic's ValidationError when it does
     not follow the format in this module's docstring.
     """
-    builtin = importlib.resources.files("watcher") / "scenarios" / f"{name_or_path}.json"
+    builtin = importlib.resources.files("watcher.simulator") / "scenarios" / f"{name_or_path}.json"
     if "/" not in name_or_path and builtin.is_file():
         return _SCENARIO_FILE.validate_json(builtin.read_bytes())
     return _SCENARIO_FILE.validate_json(Path(name_or_path).read_bytes())

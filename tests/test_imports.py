@@ -1,0 +1,160 @@
+"""The shape of the package's import graph: no cycles, a pure core, the simulator kept out.
+
+Read from the source with `ast`, so a lazy import inside a function counts as an arrow too
+(it still ties the two modules together); only `if TYPE_CHECKING:` blocks are left out.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import watcher
+
+PACKAGE = Path(watcher.__file__).parent
+# Pure modules: data and arithmetic only, no I/O, no clock, no logging.
+PURE = frozenset({"watcher.model", "watcher.tracker"})
+# Anything that does I/O, reads the clock or logs: a pure module imports none of them.
+IMPURE_LIBRARIES = frozenset(
+    {
+        "asyncio",
+        "h11",
+        "httpx",
+        "logging",
+        "os",
+        "pathlib",
+        "prometheus_client",
+        "socket",
+        "sqlite3",
+        "structlog",
+        "subprocess",
+        "tenacity",
+        "threading",
+        "time",
+    }
+)
+# What only `--demo`, the tests and the benchmark may load.
+DEMO_ONLY = ("watcher.simulator", "jsonschema")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(tree: ast.AST) -> set[str]:
+    """Every module imported, resolving `from package import submodule` to the submodule."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            node.body = []
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module is not None and node.level == 0:
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                found.add(submodule if _is_source(submodule) else node.module)
+    return found
+
+
+def _is_source(name: str) -> bool:
+    """Whether `name` is one of the package's own modules."""
+    path = PACKAGE.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        graph[_module_name(path)] = _imports(tree)
+    return graph
+
+
+GRAPH = _graph()
+
+
+def _internal(name: str) -> set[str]:
+    return {target for target in GRAPH[name] if target in GRAPH and target != "watcher"}
+
+
+def test_the_graph_was_read() -> None:
+    assert {"watcher.daemon", "watcher.tracker", "watcher.simulator.server"} <= set(GRAPH)
+    assert "watcher.model" in _internal("watcher.tracker")
+
+
+def test_no_import_cycles() -> None:
+    visiting: list[str] = []
+    done: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in done:
+            return
+        assert name not in visiting, "import cycle: " + " -> ".join([*visiting, name])
+        visiting.append(name)
+        for target in sorted(_internal(name)):
+            visit(target)
+        visiting.pop()
+        done.add(name)
+
+    for name in GRAPH:
+        visit(name)
+
+
+@pytest.mark.parametrize("name", sorted(PURE))
+def test_pure_modules_import_nothing_that_does_io(name: str) -> None:
+    assert _internal(name) <= PURE, f"{name} imports {_internal(name) - PURE}"
+    libraries = {target.partition(".")[0] for target in GRAPH[name]}
+    assert not libraries & IMPURE_LIBRARIES, f"{name} imports {libraries & IMPURE_LIBRARIES}"
+
+
+def test_only_the_demo_reaches_the_simulator() -> None:
+    """Outside the simulator itself, only `cli` names it (for --demo, inside a function)."""
+    importers = {
+        name
+        for name, targets in GRAPH.items()
+        if not name.startswith("watcher.simulator")
+        and any(target.startswith("watcher.simulator") for target in targets)
+    }
+    assert importers == {"watcher.cli"}
+    cli_top_level = _imports(ast.Module(body=_top_level("watcher.cli"), type_ignores=[]))
+    assert not any(target.startswith(DEMO_ONLY) for target in cli_top_level)
+
+
+def _top_level(name: str) -> list[ast.stmt]:
+    path = PACKAGE.parent.joinpath(*name.split(".")).with_suffix(".py")
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
+
+
+@pytest.mark.process
+def test_normal_operation_loads_neither_the_simulator_nor_jsonschema(tmp_path: Path) -> None:
+    """What `python -X importtime` shows for a start that does not ask for --demo."""
+    env = {**os.environ, "BASETEN_API_KEY": "fake-key-for-tests"}
+    env.pop("PYTHONWARNINGS", None)
+    command = [sys.executable, "-X", "importtime", "-m", "watcher", "--check-config"]
+    done = subprocess.run(
+        [*command, "--run-id", "abc123"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+        check=True,
+    )
+    imported = {line.rpartition("|")[2].strip() for line in done.stderr.splitlines()}
+    assert "watcher.daemon" in imported
+    assert "watcher.cli" in imported
+    assert not [name for name in imported if name.startswith(DEMO_ONLY)]
