@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from watcher.cli import main
 from watcher.config import (
     OPTIONS,
     ConfigError,
@@ -653,3 +654,25 @@ def test_web_external_url_from_the_file(tmp_path: Path) -> None:
 def test_web_external_url_must_be_a_url_or_an_absolute_path(value: str) -> None:
     with pytest.raises(ConfigError, match=r"--web-external-url .*: invalid value"):
         load(["--run-id", "a", "--web-external-url", value])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "https://user:hunter2@watcher.example/",
+        "http://:hunter2@watcher.example",
+        "https://hunter2@w/",
+    ],
+)
+def test_web_external_url_with_credentials_is_refused_without_echoing_the_password(
+    value: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ConfigError, match="--web-external-url") as caught:
+        load(["--run-id", "a", "--web-external-url", value])
+    assert "user name or password" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+    monkeypatch.setenv("BASETEN_API_KEY", FAKE_KEY)
+    assert main(["--run-id", "a", "--web-external-url", value]) == 2
+    out, err = capsys.readouterr()
+    assert "user name or password" in err
+    assert "hunter2" not in out + err

@@ -11,6 +11,8 @@ import itertools
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Iterable, Iterator
@@ -24,6 +26,7 @@ import pytest
 from e2e_support import (
     FAKE_KEY,
     FAST,
+    REPO,
     Exposition,
     StartSimulator,
     StartWatcher,
@@ -859,3 +862,25 @@ def test_once_prints_a_table_and_exits_by_what_it_found(
     else:
         assert summary == "3 runs read, none failing"
     assert FAKE_KEY not in finished.stdout + finished.stderr
+
+
+def test_once_into_a_closed_pipe_exits_quietly(start_simulator: StartSimulator) -> None:
+    """`loops-watcher --once --output json | head -1`: the reader leaves early, no crash."""
+    served = start_simulator(ONCE_RUNS)
+    command = [sys.executable, "-m", "watcher", *watch(served.url, ONCE_RUNS), "--once"]
+    with subprocess.Popen(
+        [*command, "--output", "json"],
+        env=watcher_env(),
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        proc.stdout.close()  # before the report is written: every write meets EPIPE
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr  # what the runs were found to be: all fine
+    assert "watcher_crashed" not in stderr
+    assert "BrokenPipe" not in stderr
+    assert "Traceback" not in stderr

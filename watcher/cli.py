@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import sys
 import time
@@ -117,11 +118,16 @@ async def run_once(settings: Settings, out: TextIO) -> int:
     rows = once_rows(records, now=time.time())
     summary = once_summary(records, settings)
     if settings.output == "json":
-        out.write(json.dumps({"runs": rows, "summary": summary, "exit_code": code}, indent=2))
-        out.write("\n")
+        report = json.dumps({"runs": rows, "summary": summary, "exit_code": code}, indent=2) + "\n"
     else:
-        out.write(format_table(rows))
-        out.write(summary + "\n")
+        report = format_table(rows) + summary + "\n"
+    try:
+        out.write(report)
+        out.flush()
+    except BrokenPipeError:
+        # The reader went away (`| head -1`): stop quietly, as command-line tools do. Later
+        # writes, the interpreter's own flush at exit among them, go nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
     return code
 
 

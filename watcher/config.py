@@ -200,11 +200,13 @@ class Settings(BaseModel):
     @field_validator("web_external_url")
     @classmethod
     def _check_external_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if re.match(r"https?://", value):
+            check_http_url(value)  # refuses credentials without quoting them
         url = r"^(https?://[^/\s?#]+)?(/(?!/)[^\s?#]*)?$"
-        if value is not None and not (value.isprintable() and re.match(url, value)):
-            raise ValueError(
-                f"{value!r} is not a URL or path such as https://example.com/watcher or /watcher"
-            )
+        if not (value.isprintable() and re.match(url, value)):
+            raise ValueError("not a URL or path such as https://example.com/watcher or /watcher")
         return value
 
     @property
