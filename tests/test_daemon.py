@@ -12,10 +12,12 @@ from factories import make_run
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from watcher import daemon
+from watcher import watchlist
 from watcher.config import load_settings
-from watcher.daemon import DISCOVERY_FAILING_AFTER, Watcher, change_level
+from watcher.daemon import Watcher
+from watcher.listing import DISCOVERY_FAILING_AFTER
 from watcher.model import SAMPLER_STATUSES, Outcome, Result, Run
+from watcher.recorder import change_level
 
 FAKE_KEY = "fake-daemon-key"
 
@@ -41,7 +43,7 @@ def watcher(clock: Clock) -> Watcher:
         stdout_is_tty=False,
     )
     instance = Watcher(settings, registry=CollectorRegistry(), clock=clock)
-    instance.sync_runs(instance.desired_runs(), spread=0)
+    instance.sync_runs(instance.watchlist.desired(), spread=0)
     return instance
 
 
@@ -79,15 +81,15 @@ def test_every_documented_status_has_a_level() -> None:
 
 def test_observation_then_transitions_are_logged_once_each(watcher: Watcher, clock: Clock) -> None:
     with capture_logs() as logs:
-        watcher.apply("k4q95w5", ok(make_run("SCALED_TO_ZERO")))
+        watcher.recorder.apply("k4q95w5", ok(make_run("SCALED_TO_ZERO")))
         clock.now += 30
-        watcher.apply("k4q95w5", ok(make_run("WAKING_UP")))
+        watcher.recorder.apply("k4q95w5", ok(make_run("WAKING_UP")))
         clock.now += 5
-        watcher.apply("k4q95w5", ok(make_run("WAKING_UP")))
+        watcher.recorder.apply("k4q95w5", ok(make_run("WAKING_UP")))
         clock.now += 40
-        watcher.apply("k4q95w5", ok(make_run("ACTIVE")))
+        watcher.recorder.apply("k4q95w5", ok(make_run("ACTIVE")))
         clock.now += 100
-        watcher.apply("k4q95w5", ok(make_run("FAILED")))
+        watcher.recorder.apply("k4q95w5", ok(make_run("FAILED")))
     events = [(log["event"], log["log_level"]) for log in logs]
     assert events == [
         ("sampler_status_observed", "info"),
@@ -116,16 +118,16 @@ def test_observation_then_transitions_are_logged_once_each(watcher: Watcher, clo
 def test_failures_warn_once_per_streak_and_key_rejection_once(watcher: Watcher) -> None:
     with capture_logs() as logs:
         for _ in range(3):
-            watcher.apply("k4q95w5", failed(Result.UNAUTHORIZED))
-            watcher.apply("7wq2m3x", failed(Result.UNAUTHORIZED))
+            watcher.recorder.apply("k4q95w5", failed(Result.UNAUTHORIZED))
+            watcher.recorder.apply("7wq2m3x", failed(Result.UNAUTHORIZED))
     levels = [(log["event"], log["log_level"]) for log in logs]
     assert levels.count(("api_key_rejected", "error")) == 1
     assert levels.count(("poll_failed", "warning")) == 2  # one per run, at the start of a streak
     assert levels.count(("poll_failed", "debug")) == 4
     assert FAKE_KEY not in repr(logs)
     with capture_logs() as logs:
-        watcher.apply("k4q95w5", ok(make_run("ACTIVE")))
-        watcher.apply("7wq2m3x", failed(Result.UNAUTHORIZED))
+        watcher.recorder.apply("k4q95w5", ok(make_run("ACTIVE")))
+        watcher.recorder.apply("7wq2m3x", failed(Result.UNAUTHORIZED))
     assert [log["event"] for log in logs] == [
         "sampler_status_observed",
         "poll_recovered",
@@ -143,53 +145,55 @@ def test_key_rejected_gauge_holds_from_the_first_rejection_until_a_poll_succeeds
     watcher: Watcher,
 ) -> None:
     assert key_rejected(watcher) == 0, "exported at 0 before anything was rejected"
-    watcher.apply("k4q95w5", failed(Result.FORBIDDEN))
+    watcher.recorder.apply("k4q95w5", failed(Result.FORBIDDEN))
     assert key_rejected(watcher) == 1, "the first rejection sets it"
     # Timeouts and 5xx say nothing about the key, however many come and however slowly.
     for result in (Result.TIMEOUT, Result.SERVER_ERROR, Result.CONNECTION_ERROR):
-        watcher.apply("7wq2m3x", failed(result))
+        watcher.recorder.apply("7wq2m3x", failed(result))
         assert key_rejected(watcher) == 1
-    watcher.apply("7wq2m3x", ok(make_run("ACTIVE", run_id="7wq2m3x")))
+    watcher.recorder.apply("7wq2m3x", ok(make_run("ACTIVE", run_id="7wq2m3x")))
     assert key_rejected(watcher) == 0
 
 
 def test_failure_backs_off_and_honours_retry_after(watcher: Watcher) -> None:
-    first = watcher.apply("k4q95w5", failed(Result.RATE_LIMITED, retry_after=42))
-    second = watcher.apply("k4q95w5", failed(Result.TIMEOUT))
+    first = watcher.recorder.apply("k4q95w5", failed(Result.RATE_LIMITED, retry_after=42))
+    second = watcher.recorder.apply("k4q95w5", failed(Result.TIMEOUT))
     assert first.retry_after == 42
     assert (first.failures, second.failures) == (1, 2)
-    assert not watcher.apply("k4q95w5", ok(make_run("ACTIVE"))).fast
-    assert watcher.apply("k4q95w5", ok(make_run("WAKING_UP"))).fast
+    assert not watcher.recorder.apply("k4q95w5", ok(make_run("ACTIVE"))).fast
+    assert watcher.recorder.apply("k4q95w5", ok(make_run("WAKING_UP"))).fast
 
 
 def test_undocumented_status_warns_once(watcher: Watcher) -> None:
     with capture_logs() as logs:
-        watcher.apply("k4q95w5", ok(make_run("HIBERNATING")))
-        watcher.apply("7wq2m3x", ok(make_run("HIBERNATING", run_id="7wq2m3x", id="7wq2m3x")))
+        watcher.recorder.apply("k4q95w5", ok(make_run("HIBERNATING")))
+        watcher.recorder.apply(
+            "7wq2m3x", ok(make_run("HIBERNATING", run_id="7wq2m3x", id="7wq2m3x"))
+        )
     assert [log["event"] for log in logs].count("undocumented_sampler_status") == 1
 
 
 def test_outcome_for_an_unwatched_run_is_dropped(watcher: Watcher) -> None:
     watcher.sync_runs({"7wq2m3x": None}, spread=0)
-    watcher.apply("k4q95w5", ok(make_run("ACTIVE")))
+    watcher.recorder.apply("k4q95w5", ok(make_run("ACTIVE")))
     assert "k4q95w5" not in watcher.metrics.render("")[0].decode()
 
 
 def test_readiness_waits_for_first_round_then_latches(watcher: Watcher) -> None:
-    watcher._started = True
-    assert not watcher.readiness()[0]
-    watcher.apply("k4q95w5", failed(Result.CONNECTION_ERROR))
-    assert not watcher.readiness()[0]
-    watcher.apply("7wq2m3x", failed(Result.CONNECTION_ERROR))  # attempted, even if failed
-    assert watcher.readiness() == (True, "ok")
-    watcher.sync_runs({"new1234": None, **watcher.desired_runs()}, spread=0)
-    assert watcher.readiness()[0]
+    watcher.recorder.begin()
+    assert not watcher.probes.readiness()[0]
+    watcher.recorder.apply("k4q95w5", failed(Result.CONNECTION_ERROR))
+    assert not watcher.probes.readiness()[0]
+    watcher.recorder.apply("7wq2m3x", failed(Result.CONNECTION_ERROR))  # attempted, even if failed
+    assert watcher.probes.readiness() == (True, "ok")
+    watcher.sync_runs({"new1234": None, **watcher.watchlist.desired()}, spread=0)
+    assert watcher.probes.readiness()[0]
 
 
 def test_health_follows_the_poll_loop(watcher: Watcher) -> None:
-    assert watcher.health() == (True, "ok")
+    assert watcher.probes.health() == (True, "ok")
     watcher.scheduler.heartbeat -= 60
-    healthy, message = watcher.health()
+    healthy, message = watcher.probes.health()
     assert not healthy
     assert "poll loop" in message
 
@@ -205,11 +209,11 @@ def file_watcher(tmp_path: Path) -> tuple[Watcher, Path]:
 
 async def test_a_run_ids_file_turned_into_a_fifo_keeps_the_last_good_set(tmp_path: Path) -> None:
     watcher, path = file_watcher(tmp_path)
-    await watcher.reload_run_ids_file("start")
+    await watcher.watchlist.reload_file("start")
     path.unlink()
     os.mkfifo(path)
     with capture_logs() as logs:
-        await asyncio.wait_for(watcher.reload_run_ids_file("changed"), timeout=5)
+        await asyncio.wait_for(watcher.watchlist.reload_file("changed"), timeout=5)
     assert logs == [
         {
             "event": "run_ids_file_invalid",
@@ -219,7 +223,7 @@ async def test_a_run_ids_file_turned_into_a_fifo_keeps_the_last_good_set(tmp_pat
             "error": f"--run-ids-file: {str(path)!r} is a FIFO, not a regular file",
         }
     ]
-    assert list(watcher.desired_runs()) == ["k4q95w5", "7wq2m3x"]
+    assert list(watcher.watchlist.desired()) == ["k4q95w5", "7wq2m3x"]
 
 
 async def test_the_run_ids_file_is_read_off_the_event_loop(
@@ -232,37 +236,37 @@ async def test_the_run_ids_file_is_read_off_the_event_loop(
         readers.append(threading.current_thread())
         return ("k4q95w5",)
 
-    monkeypatch.setattr(daemon, "read_run_ids_file", read)
-    await watcher.reload_run_ids_file("start")
+    monkeypatch.setattr(watchlist, "read_run_ids_file", read)
+    await watcher.watchlist.reload_file("start")
     assert readers
     assert readers[0] is not threading.main_thread()
-    assert list(watcher.desired_runs()) == ["k4q95w5"]
+    assert list(watcher.watchlist.desired()) == ["k4q95w5"]
 
 
 def kinds(watcher: Watcher) -> list[str]:
-    return [problem.kind for problem in watcher.problems()]
+    return [problem.kind for problem in watcher.probes.problems()]
 
 
 def test_a_rejected_key_is_a_problem_until_a_poll_succeeds(watcher: Watcher, clock: Clock) -> None:
-    watcher.apply("k4q95w5", failed(Result.FORBIDDEN))
-    (problem,) = watcher.problems()
+    watcher.recorder.apply("k4q95w5", failed(Result.FORBIDDEN))
+    (problem,) = watcher.probes.problems()
     assert (problem.kind, problem.since) == ("key_rejected", clock.now)
     assert FAKE_KEY not in problem.message
-    watcher.apply("k4q95w5", ok(make_run("ACTIVE")))
-    assert watcher.problems() == []
+    watcher.recorder.apply("k4q95w5", ok(make_run("ACTIVE")))
+    assert watcher.probes.problems() == []
 
 
 def test_the_api_is_unreachable_after_attempts_in_a_row_get_no_answer(
     watcher: Watcher, clock: Clock
 ) -> None:
-    watcher.attempt_finished("error", 2.0)
-    watcher.attempt_finished("error", 2.0)
+    watcher.recorder.attempt_finished("error", 2.0)
+    watcher.recorder.attempt_finished("error", 2.0)
     assert kinds(watcher) == []
-    watcher.attempt_finished("error", 2.0)
-    (problem,) = watcher.problems()
+    watcher.recorder.attempt_finished("error", 2.0)
+    (problem,) = watcher.probes.problems()
     assert problem.kind == "api_unreachable"
     assert problem.since == clock.now - 2.0
-    watcher.attempt_finished("503", 0.1)  # an answer, even a bad one: the API is reachable
+    watcher.recorder.attempt_finished("503", 0.1)  # an answer, even a bad one: the API is reachable
     assert kinds(watcher) == []
 
 
@@ -276,7 +280,7 @@ def test_failing_lists_are_a_problem_only_with_discovery(clock: Clock) -> None:
         seen = []
         for _ in range(DISCOVERY_FAILING_AFTER):
             seen.append(kinds(instance))
-            instance._list_failed(Outcome(Result.SERVER_ERROR, None, "boom", 4, "503"))
+            instance.listing.record(Outcome(Result.SERVER_ERROR, None, "boom", 4, "503"))
         return [*seen, kinds(instance)]
 
     assert lists_fail("--discover", "org") == [[], [], [], ["discovery_failing"]]
@@ -284,13 +288,13 @@ def test_failing_lists_are_a_problem_only_with_discovery(clock: Clock) -> None:
 
 
 def test_data_goes_stale_when_nothing_was_read_for_a_while(watcher: Watcher, clock: Clock) -> None:
-    watcher._started_at = clock.now
+    watcher.recorder.begin()
     clock.now += 3 * watcher.settings.poll_interval
     assert kinds(watcher) == []
     clock.now += watcher.settings.request_timeout + 1
-    (problem,) = watcher.problems()
+    (problem,) = watcher.probes.problems()
     assert (problem.kind, problem.since) == ("data_stale", clock.now - 101)
-    watcher.apply("k4q95w5", ok(make_run("ACTIVE")))
+    watcher.recorder.apply("k4q95w5", ok(make_run("ACTIVE")))
     assert kinds(watcher) == []
     watcher.scheduler.heartbeat -= 60
     assert kinds(watcher) == ["data_stale"]  # the poll loop itself stopped

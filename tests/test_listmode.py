@@ -20,7 +20,8 @@ from structlog.testing import capture_logs
 
 from watcher.cli import run_once
 from watcher.config import Settings, load_settings
-from watcher.daemon import LIST_MODE_MIN_RUNS, Watcher
+from watcher.daemon import Watcher
+from watcher.listing import LIST_MODE_MIN_RUNS
 from watcher.sharding import shard_of
 from watcher.simulator import Fault, Simulator
 from watcher.simulator.scenarios import Scenario
@@ -106,7 +107,7 @@ async def start(simulator: Simulator) -> AsyncIterator[Callable[..., Harness]]:
 
     def launch(*argv: str) -> Harness:
         watcher = Watcher(settings_for(simulator, *argv), registry=CollectorRegistry())
-        tasks.append(asyncio.create_task(watcher.run(stop)))
+        tasks.append(asyncio.create_task(watcher.lifecycle.serve(stop)))
         return Harness(simulator, watcher)
 
     yield launch
@@ -122,7 +123,7 @@ async def test_discovery_follows_the_list(
     own = start("--discover", "own")
     await until(lambda: own.status_of("mine001") == "ACTIVE")
     assert own.status_of("theirs1") is None
-    assert own.watcher.readiness()[0]
+    assert own.watcher.probes.readiness()[0]
 
     org = start("--discover", "org", "--listen-address", "127.0.0.1:0")
     await until(lambda: org.status_of("theirs1") == "SCALED_TO_ZERO")
@@ -173,7 +174,7 @@ async def test_list_mode_costs_one_request_per_interval(
     for number in range(count):
         run_ids += ["--run-id", f"set{number:04d}"]
     harness = start(*run_ids, "--poll-interval", "1")
-    await until(lambda: harness.watcher.readiness()[0])
+    await until(lambda: harness.watcher.probes.readiness()[0])
     await asyncio.sleep(1.0)  # let the first round of individual polls settle
     moving_before = simulator.request_counts().get("/v1/loops/runs/moving1", 0)
     gets_before, lists_before = harness.run_gets(), harness.lists()

@@ -15,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from watcher.config import load_settings
-from watcher.daemon import DISCOVERY_FAILING_AFTER, Watcher
+from watcher.daemon import Watcher
+from watcher.listing import DISCOVERY_FAILING_AFTER
 from watcher.model import InvalidRun, Outcome, Result, Run, RunList, parse_run
 
 FAKE_KEY = "fake-untrusted-api-key"
@@ -32,7 +33,7 @@ class Clock:
 def make_watcher(*args: str) -> Watcher:
     settings = load_settings(list(args), {"BASETEN_API_KEY": FAKE_KEY}, stdout_is_tty=False)
     watcher = Watcher(settings, registry=CollectorRegistry(), clock=Clock())
-    watcher.sync_runs(watcher.desired_runs(), spread=0)
+    watcher.sync_runs(watcher.watchlist.desired(), spread=0)
     return watcher
 
 
@@ -86,7 +87,7 @@ def status_of(watcher: Watcher, run_id: str) -> str | None:
 
 async def run_list(watcher: Watcher, outcome: Outcome[RunList]) -> None:
     for _ in feed_lists(watcher, [outcome]):
-        await watcher.list_round()
+        await watcher.listing.round()
 
 
 async def test_one_bad_list_entry_fails_only_its_run(watcher: Watcher) -> None:
@@ -107,30 +108,30 @@ async def test_one_bad_list_entry_fails_only_its_run(watcher: Watcher) -> None:
 async def test_a_list_sent_before_an_applied_poll_does_not_move_the_run_back(
     watcher: Watcher,
 ) -> None:
-    watcher.apply("k4q95w5", ok(make_run("SCALED_TO_ZERO"), requested=10.0))
-    watcher.apply("k4q95w5", ok(make_run("WAKING_UP"), requested=30.0))
+    watcher.recorder.apply("k4q95w5", ok(make_run("SCALED_TO_ZERO"), requested=10.0))
+    watcher.recorder.apply("k4q95w5", ok(make_run("WAKING_UP"), requested=30.0))
     with capture_logs() as logs:
         await run_list(watcher, listed(make_run("SCALED_TO_ZERO"), requested=20.0))
-        watcher.apply("k4q95w5", ok(make_run("SCALED_TO_ZERO"), requested=25.0))
+        watcher.recorder.apply("k4q95w5", ok(make_run("SCALED_TO_ZERO"), requested=25.0))
     assert status_of(watcher, "k4q95w5") == "WAKING_UP"
     assert not [log for log in logs if log["event"] == "sampler_status_changed"]
     assert (
         value(watcher, "baseten_loops_sampler_status_transitions_total", to_status="SCALED_TO_ZERO")
         is None
     )
-    watcher.apply("k4q95w5", ok(make_run("ACTIVE"), requested=31.0))
+    watcher.recorder.apply("k4q95w5", ok(make_run("ACTIVE"), requested=31.0))
     assert status_of(watcher, "k4q95w5") == "ACTIVE"
 
 
 def test_a_new_undocumented_status_every_poll_keeps_series_bounded(watcher: Watcher) -> None:
-    clock = watcher.clock
+    clock = watcher.recorder.clock
     assert isinstance(clock, Clock)
     with capture_logs():
         for poll in range(300):
             clock.now += 5
-            watcher.apply("k4q95w5", ok(make_run(f"NEW_STATUS_{poll}")))
+            watcher.recorder.apply("k4q95w5", ok(make_run(f"NEW_STATUS_{poll}")))
             clock.now += 5
-            watcher.apply("k4q95w5", ok(make_run("ACTIVE")))
+            watcher.recorder.apply("k4q95w5", ok(make_run("ACTIVE")))
     text = watcher.metrics.render("")[0].decode()
     series = [line for line in text.splitlines() if 'run_id="k4q95w5"' in line]
     assert len(series) <= 40, series
@@ -145,20 +146,20 @@ def test_a_new_undocumented_status_every_poll_keeps_series_bounded(watcher: Watc
 def test_a_run_that_cannot_be_rendered_is_not_a_successful_poll(
     watcher: Watcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    watcher.apply("k4q95w5", ok(make_run("ACTIVE")))
+    watcher.recorder.apply("k4q95w5", ok(make_run("ACTIVE")))
 
     def broken(record: object) -> tuple[str, ...]:
         raise UnicodeEncodeError("utf-8", "\udc80", 0, 1, "surrogates not allowed")
 
     monkeypatch.setattr("watcher.metrics.render_state", broken)
-    watcher.apply("k4q95w5", ok(make_run("FAILED")))
+    watcher.recorder.apply("k4q95w5", ok(make_run("FAILED")))
     assert value(watcher, "loops_watcher_poll_success", run_id="k4q95w5") == 0
     assert (
         value(watcher, "loops_watcher_polls_total", run_id="k4q95w5", result="invalid_response")
         == 1
     )
     monkeypatch.undo()
-    watcher.apply("k4q95w5", ok(make_run("FAILED")))  # same run again: now it is exported
+    watcher.recorder.apply("k4q95w5", ok(make_run("FAILED")))  # same run again: now it is exported
     assert status_of(watcher, "k4q95w5") == "FAILED"
     assert value(watcher, "loops_watcher_poll_success", run_id="k4q95w5") == 1
 
@@ -172,7 +173,7 @@ def test_hostile_text_reaches_labels_and_logs_safe_and_short(watcher: Watcher) -
     }  # fmt: skip
     body["sampler"]["created_at"] = "2026-01-01T00:00:00Z"  # type: ignore[index]
     with capture_logs() as logs:
-        watcher.apply("k4q95w5", ok(parse_run(body)))
+        watcher.recorder.apply("k4q95w5", ok(parse_run(body)))
     text = watcher.metrics.render("")[0].decode()
     assert len(text) < 20_000
     info = samples(watcher, "baseten_loops_run_info")

@@ -74,7 +74,7 @@ async def run_daemon(settings: Settings) -> None:
     started = time.monotonic()
     async with _backend(settings) as effective:
         watcher = Watcher(effective, registry=CollectorRegistry())
-        install_signal_handlers(stop, watcher.request_run_ids_reload)
+        install_signal_handlers(stop, watcher.watchlist.request_reload)
 
         def announce(port: int) -> None:
             if settings.demo:
@@ -88,7 +88,7 @@ async def run_daemon(settings: Settings) -> None:
                     runs=len(effective.run_id),
                 )
 
-        await watcher.run(stop, on_listening=announce)
+        await watcher.lifecycle.serve(stop, on_listening=announce)
     log.info("watcher_stopped", uptime_seconds=round(time.monotonic() - started, 3))
 
 
@@ -104,15 +104,7 @@ async def _backend(settings: Settings) -> AsyncIterator[Settings]:
 async def run_once(settings: Settings, out: TextIO) -> int:
     async with _backend(settings) as effective:
         watcher = Watcher(effective, registry=CollectorRegistry())
-        await watcher.reload_run_ids_file("start")
-        watcher.sync_runs(watcher.desired_runs(), spread=0.0)
-        try:
-            if watcher.list_mode():
-                await watcher.list_round()
-            unread = [run_id for run_id, record in watcher.tracker.runs.items() if not record.run]
-            await asyncio.gather(*(watcher.poll_run(run_id) for run_id in unread))
-        finally:
-            await watcher.client.aclose()
+        await watcher.lifecycle.once()
     records = sorted(watcher.tracker.runs.values(), key=lambda record: record.run_id)
     code = once_exit_code(records)
     rows = once_rows(records, now=time.time())
