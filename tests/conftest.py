@@ -14,7 +14,8 @@ from contextlib import ExitStack
 from typing import Any, NoReturn
 
 import pytest
-from e2e_support import FAKE_KEY, StartSimulator, StartWatcher, WatcherProcess, scenario
+from support import FAKE_KEY
+from support.e2e import StartSimulator, StartWatcher, WatcherProcess, scenario
 
 from watcher.simulator import SimulatorThread
 

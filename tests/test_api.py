@@ -16,7 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
-from factories import mutate
+from support import FAKE_KEY
+from support.factories import mutate
 
 from watcher.api import (
     RETRY_AFTER_CAP,
@@ -27,8 +28,6 @@ from watcher.api import (
     parse_retry_after,
 )
 from watcher.model import Result
-
-FAKE_KEY = "fake-key-for-tests"
 
 
 def run_body(run_id: str = "k4q95w5", status: str = "ACTIVE") -> dict[str, Any]:

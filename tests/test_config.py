@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import FAKE_KEY
 
 from watcher.cli import main
 from watcher.config import (
@@ -23,7 +24,6 @@ from watcher.config import (
     to_toml,
 )
 
-FAKE_KEY = "fake-test-key-0000"
 BASE_ENV = {"BASETEN_API_KEY": FAKE_KEY}
 
 

@@ -8,9 +8,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from factories import make_run
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
+from support import FAKE_KEY, FakeClock
+from support.factories import make_run
 
 from watcher import watchlist
 from watcher.config import load_settings
@@ -19,24 +20,14 @@ from watcher.listing import DISCOVERY_FAILING_AFTER
 from watcher.model import SAMPLER_STATUSES, Outcome, Result, Run
 from watcher.recorder import change_level
 
-FAKE_KEY = "fake-daemon-key"
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def watcher(clock: Clock) -> Watcher:
+def watcher(clock: FakeClock) -> Watcher:
     settings = load_settings(
         ["--run-id", "k4q95w5", "--run-id", "7wq2m3x"],
         {"BASETEN_API_KEY": FAKE_KEY},
@@ -79,7 +70,9 @@ def test_every_documented_status_has_a_level() -> None:
     assert {change_level(status) for status in SAMPLER_STATUSES} == {"info", "warning", "error"}
 
 
-def test_observation_then_transitions_are_logged_once_each(watcher: Watcher, clock: Clock) -> None:
+def test_observation_then_transitions_are_logged_once_each(
+    watcher: Watcher, clock: FakeClock
+) -> None:
     with capture_logs() as logs:
         watcher.recorder.apply("k4q95w5", ok(make_run("SCALED_TO_ZERO")))
         clock.now += 30
@@ -247,7 +240,9 @@ def kinds(watcher: Watcher) -> list[str]:
     return [problem.kind for problem in watcher.probes.problems()]
 
 
-def test_a_rejected_key_is_a_problem_until_a_poll_succeeds(watcher: Watcher, clock: Clock) -> None:
+def test_a_rejected_key_is_a_problem_until_a_poll_succeeds(
+    watcher: Watcher, clock: FakeClock
+) -> None:
     watcher.recorder.apply("k4q95w5", failed(Result.FORBIDDEN))
     (problem,) = watcher.probes.problems()
     assert (problem.kind, problem.since) == ("key_rejected", clock.now)
@@ -257,7 +252,7 @@ def test_a_rejected_key_is_a_problem_until_a_poll_succeeds(watcher: Watcher, clo
 
 
 def test_the_api_is_unreachable_after_attempts_in_a_row_get_no_answer(
-    watcher: Watcher, clock: Clock
+    watcher: Watcher, clock: FakeClock
 ) -> None:
     watcher.recorder.attempt_finished("error", 2.0)
     watcher.recorder.attempt_finished("error", 2.0)
@@ -270,7 +265,7 @@ def test_the_api_is_unreachable_after_attempts_in_a_row_get_no_answer(
     assert kinds(watcher) == []
 
 
-def test_failing_lists_are_a_problem_only_with_discovery(clock: Clock) -> None:
+def test_failing_lists_are_a_problem_only_with_discovery(clock: FakeClock) -> None:
     def lists_fail(*argv: str) -> list[list[str]]:
         """The problems before each failed list and after the last."""
         settings = load_settings(
@@ -287,7 +282,9 @@ def test_failing_lists_are_a_problem_only_with_discovery(clock: Clock) -> None:
     assert lists_fail() == [[], [], [], []]
 
 
-def test_data_goes_stale_when_nothing_was_read_for_a_while(watcher: Watcher, clock: Clock) -> None:
+def test_data_goes_stale_when_nothing_was_read_for_a_while(
+    watcher: Watcher, clock: FakeClock
+) -> None:
     watcher.recorder.begin()
     clock.now += 3 * watcher.settings.poll_interval
     assert kinds(watcher) == []

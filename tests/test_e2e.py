@@ -23,21 +23,19 @@ from typing import Any
 
 import httpx
 import pytest
-from e2e_support import (
-    FAKE_KEY,
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from support import FAKE_KEY, Exposition, wait_until
+from support.e2e import (
     FAST,
     REPO,
-    Exposition,
     StartSimulator,
     StartWatcher,
     WatcherProcess,
     request_count,
     run_watcher,
     scenario,
-    wait_until,
     watcher_env,
 )
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 
 from watcher import __version__
 from watcher.model import SAMPLER_STATUSES, Result

@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 import yaml
-from e2e_support import FAST, Exposition, StartSimulator, StartWatcher, WatcherProcess
+from support import Exposition
+from support.e2e import FAST, StartSimulator, StartWatcher, WatcherProcess
 from test_deploy import ALERTS, JOB, alert_rules, load_yaml, run, tool
 
 pytestmark = pytest.mark.e2e

@@ -14,15 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_support import (
-    FAST,
-    StartSimulator,
-    StartWatcher,
-    WatcherProcess,
-    run_watcher,
-    wait_until,
-    watcher_env,
-)
+from support import wait_until
+from support.e2e import FAST, StartSimulator, StartWatcher, WatcherProcess, run_watcher, watcher_env
 
 from watcher.sharding import hostname_ordinal
 

@@ -9,7 +9,8 @@ is larger than the old cap allowed before any run was watched.
 from __future__ import annotations
 
 import pytest
-from e2e_support import FAST, Exposition, StartSimulator, StartWatcher
+from support import Exposition
+from support.e2e import FAST, StartSimulator, StartWatcher
 
 from watcher.simulator import Fault
 

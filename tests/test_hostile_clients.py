@@ -14,14 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_support import (
-    FAKE_KEY,
-    FAST,
-    StartSimulator,
-    StartWatcher,
-    WatcherProcess,
-    wait_until,
-)
+from support import FAKE_KEY, wait_until
+from support.e2e import FAST, StartSimulator, StartWatcher, WatcherProcess
 
 from watcher.simulator import SimulatorThread
 from watcher.simulator.scenarios import synthetic_scenario

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import FAKE_KEY
 
 import watcher
 
@@ -142,7 +143,7 @@ def _top_level(name: str) -> list[ast.stmt]:
 @pytest.mark.process
 def test_normal_operation_loads_neither_the_simulator_nor_jsonschema(tmp_path: Path) -> None:
     """What `python -X importtime` shows for a start that does not ask for --demo."""
-    env = {**os.environ, "BASETEN_API_KEY": "fake-key-for-tests"}
+    env = {**os.environ, "BASETEN_API_KEY": FAKE_KEY}
     env.pop("PYTHONWARNINGS", None)
     command = [sys.executable, "-X", "importtime", "-m", "watcher", "--check-config"]
     done = subprocess.run(

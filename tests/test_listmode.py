@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
+from support import FAKE_KEY, Exposition, until
 
 from watcher.cli import run_once
 from watcher.config import Settings, load_settings
@@ -26,7 +25,6 @@ from watcher.sharding import shard_of
 from watcher.simulator import Fault, Simulator
 from watcher.simulator.scenarios import Scenario
 
-FAKE_KEY = "fake-listmode-key"
 CALLER = "ada@example.com"
 
 
@@ -36,21 +34,10 @@ class Harness:
     watcher: Watcher
 
     def samples(self, family: str) -> dict[tuple[tuple[str, str], ...], float]:
-        text = self.watcher.metrics.render("")[0].decode()
-        found: dict[tuple[tuple[str, str], ...], float] = {}
-        for metric in text_string_to_metric_families(text):
-            for sample in metric.samples:
-                if sample.name == family:
-                    found[tuple(sorted(sample.labels.items()))] = sample.value
-        return found
+        return Exposition.parse(self.watcher.metrics.render("")[0]).by_labels(family)
 
     def status_of(self, run_id: str) -> str | None:
-        current = [
-            dict(labels)["status"]
-            for labels, value in self.samples("baseten_loops_sampler_status").items()
-            if dict(labels)["run_id"] == run_id and value == 1
-        ]
-        return current[0] if current else None
+        return Exposition.parse(self.watcher.metrics.render("")[0]).status_of(run_id)
 
     def run_gets(self) -> int:
         counts = self.simulator.request_counts()
@@ -58,14 +45,6 @@ class Harness:
 
     def lists(self) -> int:
         return self.simulator.request_counts().get("/v1/loops/runs", 0)
-
-
-async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import random
 from typing import Any
 
 import pytest
-from factories import mutate
+from support.factories import mutate
 
 from watcher.model import (
     MAX_TEXT,

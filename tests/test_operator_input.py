@@ -17,14 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from e2e_support import (
-    FAST,
-    Exposition,
-    StartSimulator,
-    StartWatcher,
-    run_watcher,
-    watcher_env,
-)
+from support import Exposition
+from support.e2e import FAST, StartSimulator, StartWatcher, run_watcher, watcher_env
 
 pytestmark = pytest.mark.e2e
 

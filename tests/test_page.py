@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 
 import jsonschema
 import pytest
-from factories import make_run
+from support.factories import make_run
 
 from watcher.model import Result, Run, parse_run
 from watcher.page import (

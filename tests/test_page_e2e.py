@@ -20,7 +20,6 @@ from typing import Any
 
 import httpx
 import pytest
-from e2e_support import CALLER, FAKE_KEY, FAST, REPO, StartWatcher, wait_until
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
@@ -28,6 +27,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.wait import WebDriverWait
+from support import FAKE_KEY, wait_until
+from support.e2e import CALLER, FAST, REPO, StartWatcher
 
 from watcher.simulator import SimulatorThread
 from watcher.simulator.scenarios import RunSpec, Scenario, Step

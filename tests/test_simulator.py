@@ -21,27 +21,19 @@ import pytest
 from pydantic import ValidationError
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
+from support import FAKE_KEY, FakeClock
 
 from watcher.model import SAMPLER_STATUSES, InvalidRun, ListDecoder, parse_run_response
 from watcher.simulator import Fault, Simulator, SimulatorThread
 from watcher.simulator.scenarios import RunSpec, Scenario, Step, load_scenario, synthetic_scenario
 
-KEY = "test-key-not-secret"
-AUTH = {"Authorization": f"Bearer {KEY}"}
+AUTH = {"Authorization": f"Bearer {FAKE_KEY}"}
 # The published schema excerpt, kept in the repository (see tests/data/README.md).
 OPENAPI = Path(__file__).resolve().parent / "data" / "baseten-loops-openapi.json"
 # Runs in the demo scenario that the tests lean on.
 OWN_RUN = "k4q95w5"  # Qwen/Qwen3-8B, owned by the caller, starts SCALED_TO_ZERO
 OTHER_OWNER_RUN = "0epf91d"  # owned by someone else in the org
 TRAINER_ONLY_RUN = "t9lgmxg"
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _validator(schema_name: str) -> jsonschema.Draft202012Validator:
@@ -59,13 +51,13 @@ LIST_BODY = _validator("ListLoopsRunsResponseV1")
 
 
 @pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def served(clock: ManualClock) -> Iterator[SimulatorThread]:
-    with SimulatorThread(load_scenario("demo"), [KEY], clock=clock) as served:
+def served(clock: FakeClock) -> Iterator[SimulatorThread]:
+    with SimulatorThread(load_scenario("demo"), [FAKE_KEY], clock=clock) as served:
         yield served
 
 
@@ -101,7 +93,7 @@ def _ids(response: httpx.Response) -> set[str]:
 
 
 def test_bodies_match_the_published_schema_throughout_the_demo(
-    client: httpx.Client, sim: Simulator, clock: ManualClock
+    client: httpx.Client, sim: Simulator, clock: FakeClock
 ) -> None:
     seen: set[str] = set()
     for _ in range(120):  # the demo's first half hour
@@ -153,7 +145,7 @@ def test_run_carries_every_field_the_watcher_uses(client: httpx.Client) -> None:
 @pytest.mark.parametrize("scheme", ["Bearer", "Api-Key", "bearer"])
 def test_both_auth_schemes_are_accepted(served: SimulatorThread, scheme: str) -> None:
     response = httpx.get(
-        f"{served.url}/v1/loops/runs/{OWN_RUN}", headers={"Authorization": f"{scheme} {KEY}"}
+        f"{served.url}/v1/loops/runs/{OWN_RUN}", headers={"Authorization": f"{scheme} {FAKE_KEY}"}
     )
     assert response.status_code == 200
 
@@ -163,7 +155,7 @@ def test_both_auth_schemes_are_accepted(served: SimulatorThread, scheme: str) ->
     [
         {},
         {"Authorization": "Bearer wrong-key-not-secret"},
-        {"Authorization": f"Token {KEY}"},
+        {"Authorization": f"Token {FAKE_KEY}"},
         {"Authorization": "Bearer"},
     ],
     ids=["missing", "wrong key", "unknown scheme", "no key"],
@@ -225,7 +217,7 @@ def _spec(run_id: str, *steps: Step, loop: bool = True, offset: float = 0.0) -> 
     )
 
 
-def test_timelines_follow_the_injected_clock(clock: ManualClock) -> None:
+def test_timelines_follow_the_injected_clock(clock: FakeClock) -> None:
     wake = (Step("SCALED_TO_ZERO", 10), Step("WAKING_UP", 5), Step("ACTIVE", 20))
     retire = (Step("ACTIVE", 10), Step("DEACTIVATING", 5), Step("INACTIVE", 1, "INACTIVE"))
     scenario = _scenario(
@@ -243,7 +235,7 @@ def test_timelines_follow_the_injected_clock(clock: ManualClock) -> None:
     }
     start = clock.now
     with (
-        SimulatorThread(scenario, [KEY], clock=clock) as served,
+        SimulatorThread(scenario, [FAKE_KEY], clock=clock) as served,
         httpx.Client(base_url=served.url, headers=AUTH) as client,
     ):
         for elapsed, statuses in expected.items():
@@ -252,7 +244,7 @@ def test_timelines_follow_the_injected_clock(clock: ManualClock) -> None:
         assert _run(client, "retiring")["status"] == {"name": "INACTIVE"}
 
 
-def test_set_status_pins_the_run(client: httpx.Client, sim: Simulator, clock: ManualClock) -> None:
+def test_set_status_pins_the_run(client: httpx.Client, sim: Simulator, clock: FakeClock) -> None:
     sim.set_status(OWN_RUN, "FAILED")
     for _ in range(5):
         clock.now += 17
@@ -656,20 +648,20 @@ def test_oversized_request_body_gets_413(served: SimulatorThread) -> None:
 
 
 def test_keep_alive_pipelining_and_connection_close(served: SimulatorThread) -> None:
-    request = f"GET /v1/loops/runs/{OWN_RUN} HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n"
+    request = f"GET /v1/loops/runs/{OWN_RUN} HTTP/1.1\r\nAuthorization: Bearer {FAKE_KEY}\r\n"
     answer = _exchange(
         served.url,
         (request + "\r\n" + request + "\r\n" + request + "Connection: close\r\n\r\n").encode(),
     )
     assert answer.count(b"HTTP/1.1 200 OK") == 3
     assert answer.count(b"Connection: close") == 1
-    one_zero = f"GET /v1/loops/runs HTTP/1.0\r\nAuthorization: Api-Key {KEY}\r\n\r\n"
+    one_zero = f"GET /v1/loops/runs HTTP/1.0\r\nAuthorization: Api-Key {FAKE_KEY}\r\n\r\n"
     assert _exchange(served.url, one_zero.encode()).startswith(b"HTTP/1.1 200 OK")
 
 
 def test_simulator_on_the_callers_event_loop() -> None:
     async def scenario() -> None:
-        sim = Simulator(synthetic_scenario(20), [KEY])
+        sim = Simulator(synthetic_scenario(20), [FAKE_KEY])
         with pytest.raises(RuntimeError):
             _ = sim.url
         await sim.start()
@@ -685,7 +677,7 @@ def test_simulator_on_the_callers_event_loop() -> None:
 
 @pytest.mark.process
 def test_command_line_serves_until_terminated() -> None:
-    environment = {**os.environ, "LOOPS_SIMULATOR_API_KEY": KEY}
+    environment = {**os.environ, "LOOPS_SIMULATOR_API_KEY": FAKE_KEY}
     command = [sys.executable, "-m", "watcher.simulator", "--listen", "127.0.0.1:0", "--runs", "30"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=environment) as process:
         assert process.stdout is not None

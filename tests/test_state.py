@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from factories import make_run
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
+from support.factories import make_run
 
 from watcher.state import APPLICATION_ID, RETENTION, SCHEMA_VERSION, StateStore
 from watcher.tracker import Saved

@@ -18,15 +18,9 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from e2e_support import (
-    FAST,
-    Exposition,
-    StartSimulator,
-    StartWatcher,
-    WatcherProcess,
-    wait_until,
-)
 from prometheus_client import CollectorRegistry
+from support import Exposition, wait_until
+from support.e2e import FAST, StartSimulator, StartWatcher, WatcherProcess
 
 from watcher.model import SAMPLER_STATUSES
 from watcher.state import StateStore

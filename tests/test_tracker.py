@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from factories import make_run
+from support.factories import make_run
 
 from watcher.model import Result
 from watcher.tracker import (

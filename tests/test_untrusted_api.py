@@ -9,30 +9,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from factories import make_run
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
+from support import FAKE_KEY, Exposition, FakeClock
+from support.factories import make_run
 
 from watcher.config import load_settings
 from watcher.daemon import Watcher
 from watcher.listing import DISCOVERY_FAILING_AFTER
 from watcher.model import InvalidRun, Outcome, Result, Run, RunList, parse_run
 
-FAKE_KEY = "fake-untrusted-api-key"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 def make_watcher(*args: str) -> Watcher:
     settings = load_settings(list(args), {"BASETEN_API_KEY": FAKE_KEY}, stdout_is_tty=False)
-    watcher = Watcher(settings, registry=CollectorRegistry(), clock=Clock())
+    watcher = Watcher(settings, registry=CollectorRegistry(), clock=FakeClock())
     watcher.sync_runs(watcher.watchlist.desired(), spread=0)
     return watcher
 
@@ -62,27 +52,8 @@ def feed_lists(watcher: Watcher, outcomes: list[Outcome[RunList]]) -> Iterator[N
     yield
 
 
-def samples(watcher: Watcher, family: str) -> dict[tuple[tuple[str, str], ...], float]:
-    found = {}
-    for metric in text_string_to_metric_families(watcher.metrics.render("")[0].decode()):
-        for sample in metric.samples:
-            if sample.name == family:
-                found[tuple(sorted(sample.labels.items()))] = sample.value
-    return found
-
-
-def value(watcher: Watcher, family: str, **labels: str) -> float | None:
-    for key, found in samples(watcher, family).items():
-        if labels.items() <= dict(key).items():
-            return found
-    return None
-
-
-def status_of(watcher: Watcher, run_id: str) -> str | None:
-    for key, found in samples(watcher, "baseten_loops_sampler_status").items():
-        if dict(key)["run_id"] == run_id and found == 1:
-            return dict(key)["status"]
-    return None
+def scrape(watcher: Watcher) -> Exposition:
+    return Exposition.parse(watcher.metrics.render("")[0])
 
 
 async def run_list(watcher: Watcher, outcome: Outcome[RunList]) -> None:
@@ -94,13 +65,15 @@ async def test_one_bad_list_entry_fails_only_its_run(watcher: Watcher) -> None:
     await run_list(watcher, listed(make_run("ACTIVE"), make_run("ACTIVE", run_id="7wq2m3x")))
     bad = InvalidRun("list entry: run.session_id is missing", "7wq2m3x")
     await run_list(watcher, listed(make_run("FAILED"), bad))
-    assert status_of(watcher, "k4q95w5") == "FAILED"
-    assert value(watcher, "loops_watcher_poll_success", run_id="k4q95w5") == 1
-    assert status_of(watcher, "7wq2m3x") == "ACTIVE"  # its last status is kept
-    assert value(watcher, "loops_watcher_poll_success", run_id="7wq2m3x") == 0
-    assert value(watcher, "loops_watcher_polls_total", run_id="7wq2m3x", result="ok") == 1
+    assert scrape(watcher).status_of("k4q95w5") == "FAILED"
+    assert scrape(watcher).value("loops_watcher_poll_success", run_id="k4q95w5") == 1
+    assert scrape(watcher).status_of("7wq2m3x") == "ACTIVE"  # its last status is kept
+    assert scrape(watcher).value("loops_watcher_poll_success", run_id="7wq2m3x") == 0
+    assert scrape(watcher).value("loops_watcher_polls_total", run_id="7wq2m3x", result="ok") == 1
     assert (
-        value(watcher, "loops_watcher_polls_total", run_id="7wq2m3x", result="invalid_response")
+        scrape(watcher).value(
+            "loops_watcher_polls_total", run_id="7wq2m3x", result="invalid_response"
+        )
         == 1
     )
 
@@ -113,19 +86,21 @@ async def test_a_list_sent_before_an_applied_poll_does_not_move_the_run_back(
     with capture_logs() as logs:
         await run_list(watcher, listed(make_run("SCALED_TO_ZERO"), requested=20.0))
         watcher.recorder.apply("k4q95w5", ok(make_run("SCALED_TO_ZERO"), requested=25.0))
-    assert status_of(watcher, "k4q95w5") == "WAKING_UP"
+    assert scrape(watcher).status_of("k4q95w5") == "WAKING_UP"
     assert not [log for log in logs if log["event"] == "sampler_status_changed"]
     assert (
-        value(watcher, "baseten_loops_sampler_status_transitions_total", to_status="SCALED_TO_ZERO")
+        scrape(watcher).value(
+            "baseten_loops_sampler_status_transitions_total", to_status="SCALED_TO_ZERO"
+        )
         is None
     )
     watcher.recorder.apply("k4q95w5", ok(make_run("ACTIVE"), requested=31.0))
-    assert status_of(watcher, "k4q95w5") == "ACTIVE"
+    assert scrape(watcher).status_of("k4q95w5") == "ACTIVE"
 
 
 def test_a_new_undocumented_status_every_poll_keeps_series_bounded(watcher: Watcher) -> None:
     clock = watcher.recorder.clock
-    assert isinstance(clock, Clock)
+    assert isinstance(clock, FakeClock)
     with capture_logs():
         for poll in range(300):
             clock.now += 5
@@ -137,10 +112,10 @@ def test_a_new_undocumented_status_every_poll_keeps_series_bounded(watcher: Watc
     assert len(series) <= 40, series
     durations = {
         dict(key)["status"]
-        for key in samples(watcher, "baseten_loops_sampler_status_duration_seconds_count")
+        for key in scrape(watcher).by_labels("baseten_loops_sampler_status_duration_seconds_count")
     }
     assert durations == {"ACTIVE", "other"}
-    assert len(watcher.tracker._undocumented_seen) <= 1000
+    assert len(watcher.tracker.undocumented_seen) <= 1000
 
 
 def test_a_run_that_cannot_be_rendered_is_not_a_successful_poll(
@@ -153,15 +128,17 @@ def test_a_run_that_cannot_be_rendered_is_not_a_successful_poll(
 
     monkeypatch.setattr("watcher.metrics.render_state", broken)
     watcher.recorder.apply("k4q95w5", ok(make_run("FAILED")))
-    assert value(watcher, "loops_watcher_poll_success", run_id="k4q95w5") == 0
+    assert scrape(watcher).value("loops_watcher_poll_success", run_id="k4q95w5") == 0
     assert (
-        value(watcher, "loops_watcher_polls_total", run_id="k4q95w5", result="invalid_response")
+        scrape(watcher).value(
+            "loops_watcher_polls_total", run_id="k4q95w5", result="invalid_response"
+        )
         == 1
     )
     monkeypatch.undo()
     watcher.recorder.apply("k4q95w5", ok(make_run("FAILED")))  # same run again: now it is exported
-    assert status_of(watcher, "k4q95w5") == "FAILED"
-    assert value(watcher, "loops_watcher_poll_success", run_id="k4q95w5") == 1
+    assert scrape(watcher).status_of("k4q95w5") == "FAILED"
+    assert scrape(watcher).value("loops_watcher_poll_success", run_id="k4q95w5") == 1
 
 
 def test_hostile_text_reaches_labels_and_logs_safe_and_short(watcher: Watcher) -> None:
@@ -176,13 +153,13 @@ def test_hostile_text_reaches_labels_and_logs_safe_and_short(watcher: Watcher) -
         watcher.recorder.apply("k4q95w5", ok(parse_run(body)))
     text = watcher.metrics.render("")[0].decode()
     assert len(text) < 20_000
-    info = samples(watcher, "baseten_loops_run_info")
+    info = scrape(watcher).by_labels("baseten_loops_run_info")
     (labels,) = [dict(key) for key in info if dict(key)["run_id"] == "k4q95w5"]
     assert labels["run_name"].startswith("\ufffdnnn")
     assert len(labels["run_name"]) <= 256
     assert (labels["model_id"], labels["deployment_id"]) == ("", "")
     assert len(repr(logs)) < 5_000
-    assert value(watcher, "loops_watcher_poll_success", run_id="k4q95w5") == 1
+    assert scrape(watcher).value("loops_watcher_poll_success", run_id="k4q95w5") == 1
 
 
 async def test_discovered_run_ids_are_checked_and_each_bad_one_warned_once() -> None:
@@ -203,20 +180,20 @@ async def test_discovered_run_ids_are_checked_and_each_bad_one_warned_once() -> 
 
 async def test_discovery_that_keeps_failing_says_so() -> None:
     watcher = make_watcher("--discover", "org")
-    assert value(watcher, "loops_watcher_discovery_failing") == 0
+    assert scrape(watcher).value("loops_watcher_discovery_failing") == 0
     failure: Outcome[RunList] = Outcome(
         Result.INVALID_RESPONSE, None, "body exceeds the 67108864-byte cap", 1, "200"
     )
     with capture_logs() as logs:
         for _ in range(DISCOVERY_FAILING_AFTER + 2):
             await run_list(watcher, failure)
-    assert value(watcher, "loops_watcher_discovery_failing") == 1
+    assert scrape(watcher).value("loops_watcher_discovery_failing") == 1
     errors = [log for log in logs if log["event"] == "discovery_failing"]
     assert len(errors) == 1
     assert errors[0]["log_level"] == "error"
     assert "cap" in errors[0]["detail"]
     await run_list(watcher, listed(make_run("ACTIVE", run_id="good123")))
-    assert value(watcher, "loops_watcher_discovery_failing") == 0
+    assert scrape(watcher).value("loops_watcher_discovery_failing") == 0
 
 
 def test_discovery_gauge_is_absent_without_discovery(watcher: Watcher) -> None:

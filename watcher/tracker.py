@@ -123,7 +123,8 @@ class Saved:
 class Tracker:
     def __init__(self) -> None:
         self.runs: dict[str, RunRecord] = {}
-        self._undocumented_seen: dict[str, None] = {}
+        # Undocumented statuses already warned about (at most UNDOCUMENTED_REMEMBERED).
+        self.undocumented_seen: dict[str, None] = {}
 
     def watch(self, run_id: str) -> RunRecord:
         record = self.runs.get(run_id)
@@ -197,11 +198,11 @@ class Tracker:
                 record.since = now
                 record.saw_status_begin = not across_restart
         if status is not None and not is_documented(status):
-            if status not in self._undocumented_seen:
+            if status not in self.undocumented_seen:
                 events.append(Undocumented(run.id, status))
-                if len(self._undocumented_seen) >= UNDOCUMENTED_REMEMBERED:
-                    del self._undocumented_seen[next(iter(self._undocumented_seen))]
-            self._undocumented_seen[status] = None
+                if len(self.undocumented_seen) >= UNDOCUMENTED_REMEMBERED:
+                    del self.undocumented_seen[next(iter(self.undocumented_seen))]
+            self.undocumented_seen[status] = None
         record.run = run
         record.status = status
         return events, changed

@@ -14,26 +14,20 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
+from support import FAKE_KEY, Exposition, wait_until
 from watcher.simulator import SimulatorThread
 from watcher.simulator.scenarios import RunSpec, Scenario, Step
 
 T = TypeVar("T")
 
-# Obviously fake, and distinctive enough that finding it anywhere means it leaked.
-FAKE_KEY = "e2e-FAKE-key-0xDEADBEEF-not-a-real-secret"
 CALLER = "e2e@example.com"
-POLL_EVERY = 0.05
 # Options every e2e watcher gets unless a test passes its own.
 FAST = (
     "--poll-interval",
@@ -45,19 +39,7 @@ FAST = (
     "--max-requests-per-second",
     "1000",
 )
-REPO = Path(__file__).resolve().parents[1]
-
-
-def wait_until(condition: Callable[[], T | None], *, timeout: float, what: str) -> T:
-    """Call `condition` every 50 ms until it returns something truthy; return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(POLL_EVERY)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def scenario(runs: Mapping[str, str | None]) -> Scenario:
@@ -76,53 +58,6 @@ def scenario(runs: Mapping[str, str | None]) -> Scenario:
             for run_id, status in runs.items()
         ),
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Exposition:
-    """One parsed scrape of `/metrics`."""
-
-    samples: tuple[Sample, ...]
-
-    @classmethod
-    def parse(cls, text: str) -> Exposition:
-        return cls(
-            tuple(
-                sample
-                for family in text_string_to_metric_families(text)
-                for sample in family.samples
-            )
-        )
-
-    def find(self, name: str, **labels: str) -> list[Sample]:
-        """Samples named `name` whose labels include `labels`."""
-        return [
-            sample
-            for sample in self.samples
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-        ]
-
-    def value(self, name: str, **labels: str) -> float | None:
-        """The value of the one sample matching exactly; None when there is none."""
-        found = self.find(name, **labels)
-        assert len(found) <= 1, f"{name}{labels} matches {len(found)} samples: {found}"
-        return found[0].value if found else None
-
-    def total(self, name: str, **labels: str) -> float:
-        """Sum over every sample matching (0 when none does): counters split by label."""
-        return sum(sample.value for sample in self.find(name, **labels))
-
-    def run_ids(self) -> set[str]:
-        return {sample.labels["run_id"] for sample in self.samples if "run_id" in sample.labels}
-
-    def status_of(self, run_id: str) -> str | None:
-        """The sampler status exported as 1 for a run, if exactly one is."""
-        current = [
-            sample.labels["status"]
-            for sample in self.find("baseten_loops_sampler_status", run_id=run_id)
-            if sample.value == 1
-        ]
-        return current[0] if len(current) == 1 else None
 
 
 def _drain(stream: Any, into: list[str]) -> None:
