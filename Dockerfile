@@ -31,7 +31,7 @@ RUN uv sync --locked --no-dev --no-editable --python /usr/local/bin/python3
 
 FROM python:3.11.14-slim-bookworm
 
-# The version is pyproject.toml's; tests/test_repository.py checks that the two agree.
+# The version is pyproject.toml's; tests/deploy/test_repository.py checks that the two agree.
 LABEL org.opencontainers.image.title="loops-watcher" \
       org.opencontainers.image.description="Prometheus exporter for Baseten Loops sampler status" \
       org.opencontainers.image.version="0.1.0" \

@@ -30,8 +30,8 @@ demo: runtime
 	$(BIN)/loops-watcher --demo
 
 lint: dev
-	$(BIN)/ruff check watcher tests
-	$(BIN)/ruff format --check watcher tests
+	$(BIN)/ruff check watcher tests benchmarks
+	$(BIN)/ruff format --check watcher tests benchmarks
 
 typecheck: dev
 	$(BIN)/mypy
@@ -44,7 +44,7 @@ test: lint typecheck
 	$(BIN)/pytest
 
 bench: dev
-	$(BIN)/python tests/benchmark.py
+	$(BIN)/python benchmarks/benchmark.py
 
 # Where every alert's runbook_url points: your copy of deploy/RUNBOOK.md. Change it here, then
 # `make runbook-url` rewrites the alert rules, their tests and the PrometheusRule to match.

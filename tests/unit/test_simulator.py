@@ -29,7 +29,7 @@ from watcher.simulator.scenarios import RunSpec, Scenario, Step, load_scenario, 
 
 AUTH = {"Authorization": f"Bearer {FAKE_KEY}"}
 # The published schema excerpt, kept in the repository (see tests/data/README.md).
-OPENAPI = Path(__file__).resolve().parent / "data" / "baseten-loops-openapi.json"
+OPENAPI = Path(__file__).resolve().parents[1] / "data" / "baseten-loops-openapi.json"
 # Runs in the demo scenario that the tests lean on.
 OWN_RUN = "k4q95w5"  # Qwen/Qwen3-8B, owned by the caller, starts SCALED_TO_ZERO
 OTHER_OWNER_RUN = "0epf91d"  # owned by someone else in the org

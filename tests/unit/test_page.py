@@ -32,7 +32,7 @@ from watcher.server import Request, Response
 from watcher.tracker import RunRecord, Tracker
 
 SCHEMA = json.loads(
-    (Path(__file__).resolve().parents[1] / "docs" / "api-v1-runs.schema.json").read_text()
+    (Path(__file__).resolve().parents[2] / "docs" / "api-v1-runs.schema.json").read_text()
 )
 NOW = 1_800_000_000.0
 HOSTILE = '<img src=x onerror="alert(1)">\'&\udc80'

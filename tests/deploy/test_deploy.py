@@ -28,7 +28,7 @@ from watcher.config import load_settings
 from watcher.model import SAMPLER_STATUSES
 from watcher.scheduler import JITTER, MAX_BACKOFF
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"

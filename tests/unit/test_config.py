@@ -282,7 +282,7 @@ def test_effective_config_is_redacted_and_reusable(tmp_path: Path) -> None:
 
 
 def test_example_file_documents_every_option_with_its_default() -> None:
-    example = Path(__file__).parent.parent / "config" / "watcher.example.toml"
+    example = Path(__file__).resolve().parents[2] / "config" / "watcher.example.toml"
     text = example.read_text()
     for option in OPTIONS:
         if option.name not in {"config", "check_config"}:

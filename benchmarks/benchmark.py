@@ -25,7 +25,7 @@ from `loops_watcher_polls_total` and request counts from the simulator's `/_sim/
 Timings vary by 15-25 % from run to run here, so repeated measurements are quoted as medians
 and the watcher is compared with a floor measured in the same run.
 
-`python tests/benchmark.py --parts 1,4` runs only some parts.
+`python benchmarks/benchmark.py --parts 1,4` runs only some parts.
 """
 
 from __future__ import annotations
