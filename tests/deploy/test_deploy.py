@@ -831,7 +831,7 @@ def test_dashboard_has_the_rows_and_panels_of_each_concern() -> None:
     exprs: dict[str, list[str]] = {panel["type"]: [] for panel in every}
     for panel in every:
         exprs[panel["type"]] += [target["expr"] for target in panel.get("targets", [])]
-    assert any("time() - baseten_loops_sampler_status_since" in e for e in exprs["table"])
+    assert any("baseten_loops_sampler_status_since_timestamp_seconds" in e for e in exprs["table"])
     assert any("baseten_loops_sampler_status" in e for e in exprs["state-timeline"])
     everything = " ".join(e for group in exprs.values() for e in group)
     for needle in (
@@ -1438,3 +1438,77 @@ def test_image_compose_and_pod_keep_the_state_file_on_a_volume_the_user_can_writ
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert "sizeLimit" in volume["emptyDir"]
     assert pod["securityContext"]["fsGroup"] == gid, "the emptyDir is writable by the user"
+
+
+# Panels about the watchers themselves count each replica's own work: two replicas really do
+# make twice the requests and run two processes.
+PER_REPLICA_PANELS = {
+    "Watcher targets up",
+    "Version",
+    "Retries in the selected range",
+    "Poll results",
+    "Retries by reason",
+    "API request latency",
+    "API requests per second by code",
+}
+TWIN = f"watcher-b:{DEFAULT_PORT}"
+
+
+def one_target(expr: str, instance: str) -> str:
+    """`expr` with every selector narrowed to the one scrape target `instance`."""
+    names = sorted(ALLOWED_METRICS | recorded_metrics(), key=len, reverse=True)
+    selector = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b(\{)?")
+    return selector.sub(lambda m: f'{m[1]}{{instance="{instance}"' + ("," if m[2] else "}"), expr)
+
+
+@pytest.mark.process
+def test_dashboard_shows_two_replicas_as_it_shows_one(tmp_path: Path) -> None:
+    """Series from two identical replicas, or from one (as after the other's death), must give
+    every panel about runs the same answer: no double counting, nothing a user would notice."""
+    promtool = tool("promtool", "prometheus")
+    series = contract_series()
+    twin = [
+        {**entry, "series": entry["series"].replace(f"watcher:{DEFAULT_PORT}", TWIN)}
+        for entry in series
+    ]
+    queries = [
+        (where, expr)
+        for where, expr in dashboard_queries()
+        # A variable lists label values: two replicas give the same set.
+        if where.startswith("panel ")
+        and not any(f"panel {title!r}" in where for title in PER_REPLICA_PANELS)
+    ]
+    rules = []
+    for index, (_, expr) in enumerate(queries):
+        alone = one_target(expr, f"watcher:{DEFAULT_PORT}")
+        differs = " or ".join(
+            f"((({kind}(\n{expr}\n)) or vector(0)) != (({kind}(\n{alone}\n)) or vector(0)))"
+            for kind in ("count", "sum")
+        )
+        rules.append({"alert": f"query_{index}", "expr": differs})
+    (tmp_path / "replicas.yml").write_text(
+        yaml.safe_dump({"groups": [{"name": "replicas", "rules": rules}]}), encoding="utf-8"
+    )
+    unit_test = {
+        "rule_files": ["replicas.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "15s",
+                "input_series": series + twin,
+                "alert_rule_test": [
+                    {"eval_time": "2h", "alertname": rule["alert"], "exp_alerts": []}
+                    for rule in rules
+                ],
+            }
+        ],
+    }
+    (tmp_path / "replicas_test.yml").write_text(yaml.safe_dump(unit_test), encoding="utf-8")
+    result = run(promtool, "test", "rules", tmp_path / "replicas_test.yml", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    doubled = [
+        f"{where}: {expr}"
+        for index, (where, expr) in enumerate(queries)
+        if re.search(rf"\bquery_{index}\b", output)
+    ]
+    assert result.returncode == 0, "\n".join(doubled) or output
