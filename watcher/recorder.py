@@ -117,7 +117,7 @@ class Recorder:
         for event in events:
             self._emit(event, run)
         if changed and self.store is not None:
-            self.store.save(record.saved())
+            self.store.save(record)
         if changed or run.id in self._unexported:
             try:
                 self.metrics.update_state(record)

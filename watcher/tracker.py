@@ -102,9 +102,7 @@ class RunRecord:
             status=self.status,
             since=self.since,
             saw_status_begin=self.saw_status_begin,
-            transitions=tuple(
-                (old, new, count) for (old, new), count in sorted(self.transitions.items())
-            ),
+            transitions=tuple((old, new, count) for (old, new), count in self.transitions.items()),
         )
 
 

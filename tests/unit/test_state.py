@@ -14,8 +14,9 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 from support.factories import make_run
 
+from watcher import state
 from watcher.state import APPLICATION_ID, RETENTION, SCHEMA_VERSION, StateStore
-from watcher.tracker import Saved
+from watcher.tracker import RunRecord, Saved, Tracker
 
 DAY = 86_400.0
 
@@ -63,11 +64,15 @@ def open_store(opened: list[Opened], path: Path, clock: list[float] | None = Non
     return each
 
 
+def record_of(saved: Saved) -> RunRecord:
+    return Tracker().restore(saved)
+
+
 def write_and_close(path: Path, runs: list[Saved]) -> None:
     store = StateStore(path, CollectorRegistry())
     assert store.open() == {}
     for saved in runs:
-        store.save(saved)
+        store.save(record_of(saved))
     store.close()
 
 
@@ -107,6 +112,25 @@ def test_file_is_marked_and_versioned(tmp_path: Path) -> None:
     conn.close()
 
 
+def test_an_older_file_is_upgraded_in_place(
+    tmp_path: Path, opened: list[Opened], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "state.db"
+    write_and_close(path, [saved_run("run-a")])
+    # A later release adding a column: its file is this one, one migration on.
+    upgrade = ("ALTER TABLE runs ADD COLUMN note TEXT",)
+    monkeypatch.setattr(state, "MIGRATIONS", (*state.MIGRATIONS, upgrade))
+    monkeypatch.setattr(state, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    each = open_store(opened, path)
+    assert each.loaded == {"run-a": saved_run("run-a")}
+    assert moved_aside(path) == []
+    each.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION + 1,)
+        assert conn.execute("SELECT run_id, note FROM runs").fetchall() == [("run-a", None)]
+    conn.close()
+
+
 def test_an_empty_file_is_a_new_state_file(tmp_path: Path, opened: list[Opened]) -> None:
     path = tmp_path / "state.db"
     path.touch()
@@ -120,8 +144,8 @@ def test_runs_unwatched_past_retention_are_pruned(tmp_path: Path, opened: list[O
     path = tmp_path / "state.db"
     clock = [1_700_000_000.0]
     first = open_store(opened, path, clock)
-    first.store.save(saved_run("kept"))
-    first.store.save(saved_run("dropped"))
+    first.store.save(record_of(saved_run("kept")))
+    first.store.save(record_of(saved_run("dropped")))
     first.close()
     clock[0] += RETENTION - DAY
     second = open_store(opened, path, clock)
@@ -141,7 +165,7 @@ def test_the_file_stays_the_size_of_the_runs_it_holds(tmp_path: Path, opened: li
     def fill(prefix: str) -> int:
         each = open_store(opened, path, clock)
         for number in range(2000):
-            each.store.save(saved_run(f"{prefix}-{number}"))
+            each.store.save(record_of(saved_run(f"{prefix}-{number}")))
         each.close()
         return path.stat().st_size
 
@@ -186,6 +210,13 @@ def broken_files(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     conn.close()
     yield "newer watcher", path
 
+    path = place("negative-version")
+    write_and_close(path, [saved_run("run-a")])
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version = -3")
+    conn.close()
+    yield "schema version -3", path
+
     for name, column, value in (
         ("bad-json", "run", "{not json"),
         ("bad-types", "run", '{"id": "run-a", "created_at": "yesterday"}'),
@@ -209,7 +240,7 @@ def broken_files(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     yield "", path
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(10))
 def test_an_unusable_file_is_moved_aside_once_and_the_watcher_starts_afresh(
     tmp_path: Path, opened: list[Opened], case: int
 ) -> None:
@@ -225,7 +256,7 @@ def test_an_unusable_file_is_moved_aside_once_and_the_watcher_starts_afresh(
     assert reason in line["reason"]
     # A fresh file took its place and works.
     assert each.writable() == 1
-    each.store.save(saved_run("run-new"))
+    each.store.save(record_of(saved_run("run-new")))
     each.close()
     assert set(open_store(opened, path).loaded) == {"run-new"}
 
@@ -255,7 +286,7 @@ def test_fuzzed_files_never_crash_the_loader(tmp_path: Path, opened: list[Opened
     data = source.read_bytes()
     rng = random.Random(13)
     outcomes = {"loaded": 0, "moved": 0}
-    for case in range(120):
+    for case in range(300):
         mangled = bytearray(data)
         kind = case % 3
         if kind == 0:  # flip bytes anywhere, header included
@@ -283,7 +314,7 @@ def test_fuzzed_files_never_crash_the_loader(tmp_path: Path, opened: list[Opened
                 assert saved.run.id == run_id
         assert each.writable() == 1, case
         each.close()
-    assert outcomes["moved"] > 30, outcomes  # the fuzzing did reach the checks
+    assert outcomes["moved"] > 100, outcomes  # the fuzzing did reach the checks
 
 
 def test_a_path_that_cannot_be_created_keeps_state_in_memory(
@@ -298,7 +329,7 @@ def test_a_path_that_cannot_be_created_keeps_state_in_memory(
     (line,) = each.logs
     assert (line["event"], line["log_level"]) == ("state_file_unwritable", "error")
     assert line["path"] == str(path)
-    each.store.save(saved_run("run-a"))  # queued, never raises
+    each.store.save(record_of(saved_run("run-a")))  # queued, never raises
     assert moved_aside(path) == []
     assert blocker.read_text() == "a file where a directory should be"
 
