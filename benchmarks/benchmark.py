@@ -15,6 +15,12 @@ and in one run:
 4. how long a status change in the backend takes to show in `/metrics`;
 5. the runs of 2 and 3 split among four shard processes: each one's share, CPU and memory,
    and the requests all of them make together.
+6. the state file (`--state-file`) at 10,000 runs, in this process through the watcher's own
+   store: what saving every run costs the event loop, the longest stall of a running event
+   loop from those saves until the writer thread committed them, the commit's time and CPU,
+   the load time and the file size; and the slowest `/metrics` scrape of the real watcher
+   while 10,000 runs change status in one list response, with and without the state file (a
+   noisy comparison: the list round itself and other load dominate it).
 
 Part 2 also times the status page on its 10,000 runs: `/api/v1/runs` (what the page's script
 fetches every few seconds), the server-rendered `/`, and `/metrics` scrapes while a browser
@@ -52,9 +58,13 @@ from types import FrameType
 from typing import IO, Any
 
 import httpx
+from prometheus_client import CollectorRegistry
 
-from watcher.model import StatusClass, status_class
+from watcher.logs import configure_logging
+from watcher.model import Run, Sampler, StatusClass, status_class
 from watcher.simulator.scenarios import RunSpec, synthetic_scenario
+from watcher.state import StateStore
+from watcher.tracker import Tracker
 
 KEY = "bench-fake-key-not-a-secret"
 HOST = "127.0.0.1"
@@ -80,6 +90,10 @@ LATENCY_FAST_INTERVAL = 1.0
 LATENCY_TRIALS = 5
 # Part 5: the same runs, split.
 SHARDS = 4
+# Part 6: every run changing status at once, with and without a state file.
+STATE_INTERVAL = 10.0
+STATE_BASELINE_SCRAPES = 5
+STATE_FLIPS = 5
 
 
 # --- processes -------------------------------------------------------------------------------
@@ -889,6 +903,164 @@ def shard_processes(
     ]
 
 
+def bench_run(run_id: str, status: str) -> Run:
+    sampler = Sampler(
+        id=f"smp-{run_id}",
+        status=status,
+        model_id=f"mdl-{run_id}",
+        deployment_id=f"dep-{run_id}",
+        base_model="Qwen/Qwen3-8B",
+        instance_type="1xH100",
+        node_count=1,
+    )
+    return Run(
+        id=run_id,
+        session_id=f"ses-{run_id}",
+        base_model="Qwen/Qwen3-8B",
+        created_at=1_700_000_000.0,
+        sampler=sampler,
+        name=f"qwen3-8b-sft-{run_id}",
+        status="ACTIVE",
+        user_email="ada@example.com",
+    )
+
+
+@dataclass(frozen=True)
+class StoreRound:
+    on_loop: float  # seconds the saves took on the event loop
+    commit: float  # seconds until the writer thread had committed them
+    commit_cpu: float  # CPU seconds of the process meanwhile: the writer's, mostly
+    stall: float  # longest the event loop did not run, from the first save to the commit
+
+
+async def store_round(path: Path, tracker: Tracker, status: str, now: float) -> StoreRound:
+    """Every run of the tracker moves to `status` and is saved at once, on a running event
+    loop whose stalls a probe measures until the writer thread has committed the rows."""
+    store = StateStore(path, CollectorRegistry())
+    await asyncio.to_thread(store.open)
+    for run_id in tracker.runs:
+        tracker.observe(bench_run(run_id, status), now)
+    records = list(tracker.runs.values())
+    stalls: list[float] = []
+    done = asyncio.Event()
+
+    async def probe() -> None:
+        while not done.is_set():
+            started = time.perf_counter()
+            await asyncio.sleep(0.001)
+            stalls.append(time.perf_counter() - started - 0.001)
+
+    task = asyncio.create_task(probe())
+    await asyncio.sleep(0.05)
+    started = time.perf_counter()
+    for record in records:  # what the daemon adds to each changed run's poll
+        store.save(record)
+    on_loop = time.perf_counter() - started
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    await asyncio.to_thread(store.close)  # returns once the writer has committed
+    commit, commit_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    done.set()
+    await task
+    return StoreRound(on_loop, commit, commit_cpu, max(stalls))
+
+
+def scrape_delay(sim: Simulator, tmp: Path, results: Results, *options: str) -> tuple[float, float]:
+    """(median scrape seconds before, median over the flips of the slowest scrape while every
+    run changes status twice: into one status for one list response, then back)."""
+    run_ids = [run.id for run in sim.runs]
+    flip = {"kind": "unknown_status", "value": "HIBERNATING", "endpoint": "list", "count": 1}
+    with watcher(sim, tmp, run_ids, results, "--poll-interval", str(STATE_INTERVAL), *options) as w:
+        wait_until(w.ready, 90, "watcher readiness")
+        time.sleep(2 * STATE_INTERVAL)  # the first lists, and the fast polls they set off
+        baseline = statistics.median(w.scrape()[1] for _ in range(STATE_BASELINE_SCRAPES))
+        slowest = []
+        for _ in range(STATE_FLIPS):
+            sim.control("POST", "faults", flip)
+            longest, deadline = 0.0, time.monotonic() + 4 * STATE_INTERVAL
+            for phase in (True, False):  # every sampler in the one status, then out of it
+                while True:
+                    text, seconds, _ = w.scrape()
+                    longest = max(longest, seconds)
+                    if (',status="HIBERNATING"} 1.0' in text) == phase:
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the list responses did not flip every run")
+            slowest.append(longest)
+        text = w.scrape()[0]
+    changes = sum(sample_values(text, "baseten_loops_sampler_status_transitions_total"))
+    with_sampler = sum(run.timeline is not None for run in sim.runs)
+    if changes < 2 * STATE_FLIPS * with_sampler:
+        results.notes.append(f"part 5 saw {changes:,.0f} changes, fewer than every run's flips")
+    return baseline, statistics.median(slowest)
+
+
+def part_state(tmp: Path, results: Results) -> None:
+    part = f"6 state file: {SCALE_RUNS:,} runs changing at once"
+    configure_logging("json", "warning")  # the stores opened here say nothing unless wrong
+    path = tmp / "state.db"
+    tracker = Tracker()
+    for number in range(SCALE_RUNS):
+        tracker.observe(bench_run(f"run-{number:05}", "SCALED_TO_ZERO"), 0.0)
+    first = asyncio.run(store_round(path, tracker, "WAKING_UP", 10.0))  # every row new
+    again = asyncio.run(store_round(path, tracker, "ACTIVE", 20.0))  # every row replaced
+    size = sum(p.stat().st_size for p in tmp.glob("state.db*"))
+    loading = []
+    for _ in range(3):
+        store = StateStore(path, CollectorRegistry())
+        started = time.perf_counter()
+        loaded = store.open()
+        loading.append(time.perf_counter() - started)
+        store.close()
+    assert len(loaded) == SCALE_RUNS
+
+    with simulator(SCALE_RUNS) as sim:
+        without = scrape_delay(sim, tmp, results)
+        with_file = scrape_delay(sim, tmp, results, "--state-file", str(tmp / "watcher.db"))
+    added = with_file[1] - without[1]
+    results.rows += [
+        Row(
+            part,
+            "saving every run, on the event loop (new / changed rows)",
+            f"{first.on_loop:.3f} / {again.on_loop:.3f} s "
+            f"({again.on_loop / SCALE_RUNS * 1e6:.1f} us a run)",
+        ),
+        Row(
+            part,
+            "writer thread: commit of all rows (new / changed)",
+            f"{first.commit:.2f} s, {first.commit_cpu:.2f} s CPU / "
+            f"{again.commit:.2f} s, {again.commit_cpu:.2f} s CPU",
+        ),
+        Row(
+            part,
+            "longest event-loop stall, saves to commit (new / changed)",
+            f"{first.stall:.3f} / {again.stall:.3f} s",
+            "<= 0.1 s",
+            verdict(max(first.stall, again.stall) <= 0.1),
+        ),
+        Row(
+            part,
+            "file size (with its WAL)",
+            f"{size / 1e6:.1f} MB, {size / SCALE_RUNS:.0f} bytes a run",
+        ),
+        Row(part, "loading it at start, median of 3", f"{statistics.median(loading):.2f} s"),
+        Row(
+            part,
+            f"scrape before / slowest during a change (median of {STATE_FLIPS}), no state file",
+            f"{without[0]:.3f} / {without[1]:.3f} s",
+        ),
+        Row(
+            part,
+            f"scrape before / slowest during a change (median of {STATE_FLIPS}), state file",
+            f"{with_file[0]:.3f} / {with_file[1]:.3f} s",
+        ),
+        Row(
+            part,
+            "what the state file adds to the slowest scrape (noisy: other load)",
+            f"{added:+.3f} s",
+        ),
+    ]
+
+
 # --- the table -------------------------------------------------------------------------------
 
 
@@ -931,12 +1103,13 @@ PARTS: dict[str, Callable[[Path, Results], None]] = {
     "2": part_scale,  # parts 2 and 3 share one simulator
     "4": part_latency,
     "5": part_shards,
+    "6": part_state,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark the watcher on loopback.")
-    parser.add_argument("--parts", default="1,2,3,4,5", help="parts to run (2 and 3 go together)")
+    parser.add_argument("--parts", default="1,2,3,4,5,6", help="parts to run (2 and 3 go together)")
     parser.add_argument("--bare-loop", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--ids", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
