@@ -75,19 +75,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ) WITHOUT ROWID
     """,
     ),
+    # The last transitions with their times, for the status page: JSON [[at, from, to], ...].
+    ("ALTER TABLE runs ADD COLUMN recent TEXT NOT NULL DEFAULT '[]'",),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-# ?1: a JSON array of [run_id, run, since, saw_status_begin, transitions] rows (`_row`);
+# ?1: a JSON array of [run_id, run, since, saw_status_begin, transitions, recent] rows (`_row`);
 # ?2: now. (`WHERE true` tells the parser that ON CONFLICT belongs to the INSERT.)
 _UPSERT = """
-    INSERT INTO runs (run_id, run, since, saw_status_begin, transitions, seen_at)
-    SELECT value ->> 0, value -> 1, value ->> 2, value ->> 3, value -> 4, ?2
+    INSERT INTO runs (run_id, run, since, saw_status_begin, transitions, recent, seen_at)
+    SELECT value ->> 0, value -> 1, value ->> 2, value ->> 3, value -> 4, value -> 5, ?2
     FROM json_each(?1) WHERE true
     ON CONFLICT (run_id) DO UPDATE SET
         run = excluded.run, since = excluded.since,
         saw_status_begin = excluded.saw_status_begin, transitions = excluded.transitions,
-        seen_at = excluded.seen_at
+        recent = excluded.recent, seen_at = excluded.seen_at
 """
 _TOUCH = "UPDATE runs SET seen_at = ?2 WHERE run_id IN (SELECT value FROM json_each(?1))"
 _RUN = TypeAdapter(Run)
@@ -120,8 +122,8 @@ def _environment_error(exc: sqlite3.Error) -> bool:
 
 
 def _decode(row: tuple[object, ...]) -> Saved:
-    run_id, run_text, since, saw_status_begin, transitions = row
-    if not isinstance(run_text, str) or not isinstance(transitions, str):
+    run_id, run_text, since, saw_status_begin, transitions, recent = row
+    if not (isinstance(run_text, str) and isinstance(transitions, str) and isinstance(recent, str)):
         raise _Broken(f"the row of run {str(run_id)[:80]!r} is malformed")
     try:
         run = _RUN.validate_python(json.loads(run_text), strict=False)
@@ -134,6 +136,10 @@ def _decode(row: tuple[object, ...]) -> Saved:
                 "since": since,
                 "saw_status_begin": saw_status_begin,
                 "transitions": json.loads(transitions),
+                "recent": [
+                    {"at": at, "from_status": old, "to_status": new}
+                    for at, old, new in json.loads(recent)
+                ],
             },
             strict=False,
         )
@@ -155,16 +161,23 @@ def _row(record: RunRecord) -> str | None:
         record.run_id.encode()
     except UnicodeEncodeError:  # a lone surrogate
         return None
-    since = record.since
     transitions = ",".join(
         f"[{encode_basestring_ascii(old)},{encode_basestring_ascii(new)},{count:d}]"
         for (old, new), count in record.transitions.items()
     )
+    recent = ",".join(
+        f"[{_number(moment.at)},{encode_basestring_ascii(moment.from_status)},"
+        f"{encode_basestring_ascii(moment.to_status)}]"
+        for moment in record.recent
+    )
     return (
         f"[{encode_basestring_ascii(record.run_id)},{_run_json(record.run)},"
-        f"{repr(since) if since is not None and math.isfinite(since) else 'null'},"
-        f"{int(record.saw_status_begin)},[{transitions}]]"
+        f"{_number(record.since)},{int(record.saw_status_begin)},[{transitions}],[{recent}]]"
     )
+
+
+def _number(value: float | None) -> str:
+    return repr(value) if value is not None and math.isfinite(value) else "null"
 
 
 def _run_json(run: Run) -> str:
@@ -292,7 +305,7 @@ class StateStore:
             self._prepare()
             assert self._conn is not None
             rows = self._conn.execute(
-                "SELECT run_id, run, since, saw_status_begin, transitions FROM runs"
+                "SELECT run_id, run, since, saw_status_begin, transitions, recent FROM runs"
             ).fetchall()
             return {saved.run_id: saved for saved in map(_decode, rows)}
         except sqlite3.Error as exc:

@@ -103,6 +103,7 @@ class RunRecord:
             since=self.since,
             saw_status_begin=self.saw_status_begin,
             transitions=tuple((old, new, count) for (old, new), count in self.transitions.items()),
+            recent=tuple(self.recent),
         )
 
 
@@ -116,6 +117,7 @@ class Saved:
     since: float | None
     saw_status_begin: bool
     transitions: tuple[tuple[str, str, int], ...]
+    recent: tuple[Transition, ...] = ()
 
 
 class Tracker:
@@ -146,6 +148,7 @@ class Tracker:
                 for status in pair
                 if not is_documented(status) and status != OTHER
             },
+            recent=deque(saved.recent, maxlen=RECENT_TRANSITIONS),
             carried_over=True,
         )
         return record

@@ -16,7 +16,7 @@ from support.factories import make_run
 
 from watcher import state
 from watcher.state import APPLICATION_ID, RETENTION, SCHEMA_VERSION, StateStore
-from watcher.tracker import RunRecord, Saved, Tracker
+from watcher.tracker import RunRecord, Saved, Tracker, Transition
 
 DAY = 86_400.0
 
@@ -29,6 +29,10 @@ def saved_run(run_id: str, status: str = "ACTIVE", **changes: Any) -> Saved:
         since=1_700_000_100.5,
         saw_status_begin=True,
         transitions=(("ACTIVE", "FAILED", 2), ("FAILED", "ACTIVE", 1)),
+        recent=(
+            Transition(1_700_000_050.25, "ACTIVE", "FAILED"),
+            Transition(1_700_000_100.5, "FAILED", "ACTIVE"),
+        ),
     )
 
 
@@ -128,6 +132,30 @@ def test_an_older_file_is_upgraded_in_place(
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION + 1,)
         assert conn.execute("SELECT run_id, note FROM runs").fetchall() == [("run-a", None)]
+    conn.close()
+
+
+def test_a_first_version_file_gains_the_recent_transitions(
+    tmp_path: Path, opened: list[Opened], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "state.db"
+    with monkeypatch.context() as first_release:
+        first_release.setattr(state, "MIGRATIONS", state.MIGRATIONS[:1])
+        first_release.setattr(state, "SCHEMA_VERSION", 1)
+        store = StateStore(path, CollectorRegistry())
+        store.open()
+        store.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?)",
+            ("run-a", state._run_json(make_run("ACTIVE", run_id="run-a")), 5.0, 1, "[]", 9.0),
+        )
+    conn.close()
+    each = open_store(opened, path)
+    (saved,) = each.loaded.values()
+    assert (saved.run_id, saved.since, saved.recent) == ("run-a", 5.0, ())
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
     conn.close()
 
 
