@@ -103,7 +103,7 @@ class RunRecord:
             since=self.since,
             saw_status_begin=self.saw_status_begin,
             transitions=tuple((old, new, count) for (old, new), count in self.transitions.items()),
-            recent=tuple(self.recent),
+            recent=self.recent,
         )
 
 
@@ -148,7 +148,7 @@ class Tracker:
                 for status in pair
                 if not is_documented(status) and status != OTHER
             },
-            recent=deque(saved.recent, maxlen=RECENT_TRANSITIONS),
+            recent=saved.recent[-RECENT_TRANSITIONS:],
             carried_over=True,
         )
         return record
