@@ -49,7 +49,7 @@ class Probes:
         return self.recorder.metrics.render_parts(accept)
 
     def health(self) -> tuple[bool, str]:
-        silent = time.monotonic() - self.scheduler.heartbeat
+        silent = self.scheduler.silent_for()
         if silent > HEARTBEAT_LIMIT:
             return False, f"poll loop has not run for {silent:.0f} s"
         stuck = self.scheduler.oldest_poll_age()

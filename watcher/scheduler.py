@@ -30,6 +30,18 @@ TICK = 1.0  # the loop wakes at least this often, which is what /healthz watches
 COALESCE = 0.1
 
 
+def loop_time() -> float:
+    """The clock the running event loop's timeouts run on, or time.monotonic() outside one.
+
+    On a standard loop the two are the same clock. Due times read from the loop's own clock
+    keep the schedule and its waits in step under a loop whose time is virtual (in tests).
+    """
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
+
+
 @dataclass(frozen=True, slots=True)
 class Cadence:
     """What a finished poll says about when to poll that run next."""
@@ -58,7 +70,7 @@ class Scheduler:
         *,
         poll_interval: float,
         fast_poll_interval: float,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = loop_time,
         rng: random.Random | None = None,
     ) -> None:
         self._poll = poll
@@ -98,6 +110,10 @@ class Scheduler:
             self._counter += 1
             self._generation[run_id] = self._counter
             self._push(run_id, delay)
+
+    def silent_for(self) -> float:
+        """Seconds since the loop last woke; it wakes at least every TICK while it runs."""
+        return self._clock() - self.heartbeat
 
     def oldest_poll_age(self) -> float:
         """Seconds the longest-running poll has been in flight (0 when none is)."""

@@ -42,10 +42,15 @@ def wait_until(condition: Callable[[], T | None], *, timeout: float, what: str) 
 
 
 async def until(condition: Callable[[], object], within: float = 5.0) -> None:
-    """`wait_until` for a test on the event loop: the loop keeps running meanwhile."""
-    deadline = time.monotonic() + within
+    """`wait_until` for a test on the event loop: the loop keeps running meanwhile.
+
+    The deadline is on the loop's own clock (time.monotonic on a standard loop), so it also
+    holds on a loop whose time is virtual.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
     while not condition():
-        if time.monotonic() >= deadline:
+        if loop.time() >= deadline:
             raise AssertionError(f"timed out after {within:g} s waiting for {condition}")
         await asyncio.sleep(0.02)
 
