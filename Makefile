@@ -36,12 +36,16 @@ lint: dev
 typecheck: dev
 	$(BIN)/mypy
 
+# Tests run in two processes (pytest-xdist), one test file to each at a time, so a module's
+# shared fixtures stay shared; most of the suite waits on sockets, so two halve its time.
+PYTEST := $(BIN)/pytest -n 2 --dist loadfile
+
 # Every test that starts no process (see tests/conftest.py).
 check: lint typecheck
-	$(BIN)/pytest -m "not process"
+	$(PYTEST) -m "not process"
 
 test: lint typecheck
-	$(BIN)/pytest
+	$(PYTEST)
 
 bench: dev
 	$(BIN)/python benchmarks/benchmark.py

@@ -193,7 +193,7 @@ def test_the_story_names_runs_of_the_demo() -> None:
 
 @pytest.mark.process
 def test_the_demo_fires_exactly_the_scripted_alerts_each_in_time(tmp_path: Path) -> None:
-    promtool = tool("promtool", "prometheus")
+    promtool = tool("promtool", "apt-get install prometheus")
     scenario = load_scenario("demo")
     specs = {spec.id: spec for spec in scenario.runs}
     (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules_without_annotations()))

@@ -112,7 +112,7 @@ ALERT_NAMES = sorted({rule["alert"] for rule in alert_rules()})
 def test_two_replicas_one_killed_alert_once_per_run_without_a_gap(
     start_simulator: StartSimulator, start_watcher: StartWatcher, tmp_path: Path
 ) -> None:
-    promtool = tool("promtool", "prometheus")
+    promtool = tool("promtool", "apt-get install prometheus")
     served = start_simulator(RUNS)
     run_ids = [arg for run_id in RUNS for arg in ("--run-id", run_id)]
     replicas = [start_watcher("--api-url", served.url, *FAST, *run_ids) for _ in REPLICAS]
