@@ -6,7 +6,6 @@ next one says.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from watcher.api import RETRY_AFTER_CAP
