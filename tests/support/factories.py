@@ -49,3 +49,25 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
         elif buf:
             buf[min(spot, len(buf) - 1)] = rng.randrange(256)
     return bytes(buf)
+
+
+def run_json(run_id: str = "k4q95w5", status: str = "ACTIVE", **changes: Any) -> dict[str, Any]:
+    run: dict[str, Any] = {
+        "id": run_id,
+        "session_id": "s1",
+        "base_model": "Qwen/Qwen3-8B",
+        "base_url": "https://example.invalid/run",
+        "created_at": "2026-11-01T10:00:00Z",
+        "name": "sft",
+        "sampler": {
+            "id": "smp1",
+            "base_url": "https://example.invalid/sampler",
+            "base_model": "Qwen/Qwen3-8B",
+            "created_at": "2026-11-01T10:00:00Z",
+            "model_id": "m1",
+            "deployment_id": "d1",
+            "status": {"name": status},
+        },
+    }
+    run.update(changes)
+    return run

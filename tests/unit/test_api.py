@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from support import FAKE_KEY
-from support.factories import mutate
+from support.factories import mutate, run_json
 
 from watcher.api import (
     RETRY_AFTER_CAP,
@@ -31,24 +31,7 @@ from watcher.model import Result
 
 
 def run_body(run_id: str = "k4q95w5", status: str = "ACTIVE") -> dict[str, Any]:
-    return {
-        "run": {
-            "id": run_id,
-            "session_id": "s1",
-            "base_model": "Qwen/Qwen3-8B",
-            "base_url": "https://example.invalid/run",
-            "created_at": "2026-11-01T10:00:00Z",
-            "sampler": {
-                "id": "smp1",
-                "base_url": "https://example.invalid/sampler",
-                "base_model": "Qwen/Qwen3-8B",
-                "created_at": "2026-11-01T10:00:00Z",
-                "model_id": "m1",
-                "deployment_id": "d1",
-                "status": {"name": status},
-            },
-        }
-    }
+    return {"run": run_json(run_id, status)}
 
 
 class Recorder:
@@ -506,11 +489,6 @@ async def test_connections_are_kept_alive_and_opened_only_as_concurrency_needs()
     assert [outcome.result for outcome in one_by_one + together] == [Result.OK] * 55
     assert after_one_by_one == 1
     assert server.connections == len(stack) <= 8
-
-
-def run_json(run_id: str = "k4q95w5", status: str = "ACTIVE") -> dict[str, Any]:
-    run: dict[str, Any] = run_body(run_id, status)["run"]
-    return run
 
 
 async def test_lone_surrogate_in_a_run_name_is_replaced_not_fatal() -> None:

@@ -8,7 +8,7 @@ import random
 from typing import Any
 
 import pytest
-from support.factories import mutate
+from support.factories import mutate, run_json
 
 from watcher.model import (
     MAX_TEXT,
@@ -19,28 +19,6 @@ from watcher.model import (
     parse_run,
     parse_run_response,
 )
-
-
-def run_json(run_id: str = "k4q95w5", status: str = "ACTIVE", **changes: Any) -> dict[str, Any]:
-    run: dict[str, Any] = {
-        "id": run_id,
-        "session_id": "s1",
-        "base_model": "Qwen/Qwen3-8B",
-        "base_url": "https://example.invalid/run",
-        "created_at": "2026-11-01T10:00:00Z",
-        "name": "sft",
-        "sampler": {
-            "id": "smp1",
-            "base_url": "https://example.invalid/sampler",
-            "base_model": "Qwen/Qwen3-8B",
-            "created_at": "2026-11-01T10:00:00Z",
-            "model_id": "m1",
-            "deployment_id": "d1",
-            "status": {"name": status},
-        },
-    }
-    run.update(changes)
-    return run
 
 
 def decode(body: bytes, chunk: int | None = None) -> RunList:
