@@ -151,9 +151,7 @@ class ListLoop:
             discovery_failing.set(1)
             self.log.error(
                 "discovery_failing",
-                result=str(outcome.result),
-                detail=outcome.detail,
-                http_status=outcome.code,
+                **outcome.failure_fields(),
                 failed_lists=self.failures,
                 note="runs that start or end are not noticed until a list answers again",
             )
@@ -161,10 +159,7 @@ class ListLoop:
             self.failing_since = self.recorder.clock()
             self.log.warning(
                 "list_failed",
-                result=str(outcome.result),
-                detail=outcome.detail,
-                http_status=outcome.code,
-                attempts=outcome.attempts,
+                **outcome.failure_fields(),
                 note="runs are polled one by one until the list answers again",
             )
         if outcome.result in KEY_REJECTED and not self.settings.discover:

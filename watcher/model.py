@@ -49,6 +49,15 @@ class Outcome(Generic[T]):
     retry_after: float | None = None
     requested: float = 0.0  # when its last attempt was sent: orders answers that cross
 
+    def failure_fields(self) -> dict[str, object]:
+        """What a log line about this outcome's failure says of it, the same in every such line."""
+        return {
+            "result": str(self.result),
+            "detail": self.detail,
+            "http_status": self.code,
+            "attempts": self.attempts,
+        }
+
 
 # The 14 documented sampler statuses, in the order Baseten's schema lists them.
 SAMPLER_STATUSES: tuple[str, ...] = (

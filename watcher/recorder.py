@@ -146,10 +146,7 @@ class Recorder:
             LEVELS[level],
             "poll_failed",
             run_id=run_id,
-            result=str(outcome.result),
-            detail=outcome.detail,
-            http_status=outcome.code,
-            attempts=outcome.attempts,
+            **outcome.failure_fields(),
             consecutive_failures=record.consecutive_failures,
         )
         return Cadence(
