@@ -1,7 +1,8 @@
 """The Loops API client: HTTP, the wire format and the retry policy; nothing about metrics.
 
-Every call ends in an `Outcome` whose `result` is one of a small closed set (the contract's
-`result` label values); no exception escapes for anything the network or the server can do.
+Every call ends in an `Outcome`: `Fetched` with the value, or `Failed` whose `result` is one of
+a small closed set (the contract's `result` label values); no exception escapes for anything
+the network or the server can do.
 Attempts and retries are reported to an observer, which is where metrics and logs happen.
 
 Deadlines: `request_timeout` bounds a whole attempt, body included, with `asyncio.timeout`
@@ -54,6 +55,8 @@ from tenacity import (
 
 from watcher import __version__
 from watcher.model import (
+    Failed,
+    Fetched,
     InvalidRun,
     ListDecoder,
     Outcome,
@@ -81,7 +84,7 @@ class Attempt(Generic[T]):
     detail: str = ""
     retryable: bool = False
     retry_after: float | None = None
-    value: T | None = None
+    value: T | None = None  # set exactly when the result is ok
     requested: float = 0.0  # time.monotonic() when the attempt was sent
 
 
@@ -347,15 +350,10 @@ class LoopsClient:
             sleep=self._sleep,
         )
         final: Attempt[T] = await retrying(self._attempt, path, params, read)
-        return Outcome(
-            result=final.result,
-            value=final.value,
-            detail=final.detail,
-            attempts=retrying.statistics.get("attempt_number", 1),
-            code=final.code,
-            retry_after=final.retry_after,
-            requested=final.requested,
-        )
+        attempts = retrying.statistics.get("attempt_number", 1)
+        if final.value is not None:
+            return Fetched(final.value, attempts, final.code, final.requested)
+        return Failed(final.result, final.detail, attempts, final.code, final.retry_after)
 
     def _wait(self, state: RetryCallState) -> float:
         assert state.outcome is not None

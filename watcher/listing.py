@@ -14,7 +14,7 @@ from collections.abc import Callable
 from watcher.api import LoopsClient
 from watcher.config import Settings, check_run_id
 from watcher.logs import get_logger
-from watcher.model import InvalidRun, Outcome, Result, Run, RunList, clean_text
+from watcher.model import Failed, InvalidRun, Outcome, Result, Run, RunList, clean_text
 from watcher.recorder import KEY_REJECTED, Recorder
 from watcher.scheduler import Scheduler
 from watcher.watchlist import WatchList
@@ -84,10 +84,9 @@ class ListLoop:
         recorder = self.recorder
         recorder.first_round.discard(FIRST_LIST)
         recorder.key_verdict(outcome)
-        if outcome.result is not Result.OK:
+        if isinstance(outcome, Failed):
             self._failed(outcome)
             return
-        assert outcome.value is not None
         if self.failures:
             self.log.info("list_recovered", failed_lists=self.failures)
         self.failures = 0
@@ -105,9 +104,7 @@ class ListLoop:
             recorder.first_round.discard(run_id)
             if isinstance(entry, InvalidRun):
                 # Only this run's entry is bad: it fails alone and keeps its own poll schedule.
-                failed: Outcome[Run] = Outcome(
-                    Result.INVALID_RESPONSE, None, str(entry), 1, outcome.code
-                )
+                failed = Failed(Result.INVALID_RESPONSE, str(entry), 1, outcome.code)
                 recorder.record_failure(run_id, failed)
                 continue
             fast = recorder.record_success(entry, now, outcome.requested).fast
@@ -144,7 +141,7 @@ class ListLoop:
         shown = None if run_id is None else clean_text(run_id)
         self.log.warning("list_entry_skipped", run_id=shown, reason=reason)
 
-    def _failed(self, outcome: Outcome[RunList]) -> None:
+    def _failed(self, outcome: Failed) -> None:
         self.failures += 1
         discovery_failing = self.recorder.metrics.discovery_failing
         if self.failures == DISCOVERY_FAILING_AFTER and discovery_failing:

@@ -18,7 +18,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
 
 T = TypeVar("T")
 
@@ -38,25 +38,42 @@ class Result(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome(Generic[T]):
-    """What one poll (one or more attempts) came to."""
+class Fetched(Generic[T]):
+    """A poll (one or more attempts) that read its value."""
+
+    result: ClassVar[Result] = Result.OK
+    value: T
+    attempts: int
+    code: str
+    requested: float = 0.0  # when its last attempt was sent: orders answers that cross
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A poll (one or more attempts) that read nothing: why, as one of the failure results."""
 
     result: Result
-    value: T | None
     detail: str
     attempts: int
     code: str
     retry_after: float | None = None
-    requested: float = 0.0  # when its last attempt was sent: orders answers that cross
+
+    def __post_init__(self) -> None:
+        if self.result is Result.OK:
+            raise ValueError("a failed poll cannot have the result 'ok'")
 
     def failure_fields(self) -> dict[str, object]:
-        """What a log line about this outcome's failure says of it, the same in every such line."""
+        """What a log line about this failure says of it, the same in every such line."""
         return {
             "result": str(self.result),
             "detail": self.detail,
             "http_status": self.code,
             "attempts": self.attempts,
         }
+
+
+# What one poll came to: the value on success, and only then.
+Outcome: TypeAlias = Fetched[T] | Failed
 
 
 # The 14 documented sampler statuses, in the order Baseten's schema lists them.

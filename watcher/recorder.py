@@ -13,6 +13,8 @@ from typing import Any
 from watcher.logs import LEVELS, get_logger
 from watcher.metrics import Metrics
 from watcher.model import (
+    Failed,
+    Fetched,
     Outcome,
     Result,
     Run,
@@ -102,8 +104,7 @@ class Recorder:
         self.first_round.discard(run_id)
         if run_id not in self.tracker.runs:
             return Cadence(fast=False)  # unwatched while the request was in flight
-        if outcome.result is Result.OK:
-            assert outcome.value is not None
+        if isinstance(outcome, Fetched):
             cadence = self.record_success(outcome.value, now, outcome.requested)
         else:
             cadence = self.record_failure(run_id, outcome)
@@ -126,7 +127,7 @@ class Recorder:
                 self._unexported.add(run.id)
                 detail = f"cannot export the run: {type(exc).__name__}: {exc}"
                 return self.record_failure(
-                    run.id, Outcome(Result.INVALID_RESPONSE, None, detail[:200], 1, "200")
+                    run.id, Failed(Result.INVALID_RESPONSE, detail[:200], 1, "200")
                 )
             self._unexported.discard(run.id)
         self.tracker.record_poll(run.id, Result.OK, now)
@@ -136,7 +137,7 @@ class Recorder:
         status = record.status
         return Cadence(fast=status is not None and status_class(status) is StatusClass.TRANSITIONAL)
 
-    def record_failure(self, run_id: str, outcome: Outcome[Any]) -> Cadence:
+    def record_failure(self, run_id: str, outcome: Failed) -> Cadence:
         previous_result = self.tracker.runs[run_id].last_result
         record = self.tracker.record_poll(run_id, outcome.result, self.clock())
         self.metrics.update_polls(record)
@@ -159,23 +160,24 @@ class Recorder:
         The gauge holds until an answer says otherwise, however rarely failing runs are polled,
         so the alert on it stays firing until a poll succeeds.
         """
-        if outcome.result is Result.OK:
-            rejected = False
+        if isinstance(outcome, Fetched):
+            rejection = None
         elif outcome.result in KEY_REJECTED:
-            rejected = True
+            rejection = outcome
         else:
             return  # a timeout or a 5xx says nothing about the key
+        rejected = rejection is not None
         if rejected == self.key_rejected:
             return
         self.key_rejected = rejected
         self.key_rejected_since = self.clock() if rejected else None
         self.metrics.api_key_rejected.set(int(rejected))
-        if rejected:
+        if rejection is not None:
             self.log.error(
                 "api_key_rejected",
                 **({"run_id": run_id} if run_id else {"request": "list"}),
-                result=str(outcome.result),
-                detail=outcome.detail,
+                result=str(rejection.result),
+                detail=rejection.detail,
                 hint="check the key in BASETEN_API_KEY or --api-key-file, and --auth-scheme",
             )
         else:

@@ -27,7 +27,7 @@ from watcher.api import (
     RateLimiter,
     parse_retry_after,
 )
-from watcher.model import Result
+from watcher.model import Failed, Fetched, Result
 
 
 def run_body(run_id: str = "k4q95w5", status: str = "ACTIVE") -> dict[str, Any]:
@@ -105,7 +105,7 @@ async def test_ok_sends_auth_and_parses_the_run() -> None:
     client, recorder, _ = make_client(handler)
     outcome = await client.get_run("k4q95w5")
     assert outcome.result is Result.OK
-    assert outcome.value is not None
+    assert isinstance(outcome, Fetched)
     assert outcome.value.sampler is not None
     assert outcome.value.sampler.status == "ACTIVE"
     assert outcome.attempts == 1
@@ -138,6 +138,7 @@ async def test_final_statuses_are_not_retried(status: int, result: Result) -> No
     outcome = await client.get_run("k4q95w5")
     assert outcome.result is result
     assert outcome.attempts == 1
+    assert isinstance(outcome, Failed)
     assert len(seen) == 1
     assert recorder.retries == []
     assert sleeps.calls == []
@@ -170,6 +171,7 @@ async def test_retries_stop_at_max_retries() -> None:
     outcome = await client.get_run("k4q95w5")
     assert outcome.result is Result.SERVER_ERROR
     assert outcome.attempts == 3
+    assert isinstance(outcome, Failed)
     assert len(seen) == 3
     assert len(recorder.retries) == 2
     assert "maintenance" in outcome.detail
@@ -215,6 +217,7 @@ async def test_final_retry_after_is_reported_for_the_next_poll() -> None:
     client, _, _ = make_client(handler, max_retries=0)
     outcome = await client.get_run("k4q95w5")
     assert outcome.result is Result.RATE_LIMITED
+    assert isinstance(outcome, Failed)
     assert outcome.retry_after == 45
 
 
@@ -249,6 +252,7 @@ async def test_invalid_responses_are_not_retried(response: httpx.Response, detai
     client, _, _ = make_client(handler)
     outcome = await client.get_run("k4q95w5")
     assert outcome.result is Result.INVALID_RESPONSE
+    assert isinstance(outcome, Failed)
     assert detail in outcome.detail
     assert len(seen) == 1
 
@@ -260,6 +264,7 @@ async def test_missing_sampler_status_is_invalid() -> None:
     client, _, _ = make_client(handler)
     outcome = await client.get_run("k4q95w5")
     assert outcome.result is Result.INVALID_RESPONSE
+    assert isinstance(outcome, Failed)
     assert "sampler.status" in outcome.detail
 
 
@@ -271,7 +276,7 @@ async def test_schema_drift_is_tolerated() -> None:
     client, _, _ = make_client(handler)
     outcome = await client.get_run("k4q95w5")
     assert outcome.result is Result.OK
-    assert outcome.value is not None
+    assert isinstance(outcome, Fetched)
     assert outcome.value.sampler is not None
     assert outcome.value.sampler.status == "HIBERNATING"
 
@@ -303,6 +308,7 @@ async def test_declared_oversized_body_is_refused() -> None:
     client, _, _ = make_client(handler)
     outcome = await client.get_run("k4q95w5")
     assert outcome.result is Result.INVALID_RESPONSE
+    assert isinstance(outcome, Failed)
     assert "cap" in outcome.detail
 
 
@@ -330,7 +336,7 @@ async def test_list_runs_passes_filters() -> None:
     client, _, _ = make_client(handler)
     outcome = await client.list_runs(scope="org", base_model="Qwen/Qwen3-8B")
     assert outcome.result is Result.OK
-    assert outcome.value is not None
+    assert isinstance(outcome, Fetched)
     assert [run.id for run in outcome.value.runs] == ["a1", "b2"]
     assert seen[0].url.params["scope"] == "org"
     assert seen[0].url.params["base_model"] == "Qwen/Qwen3-8B"
@@ -496,7 +502,7 @@ async def test_lone_surrogate_in_a_run_name_is_replaced_not_fatal() -> None:
     client, _, _ = make_client(sequence(httpx.Response(200, content=json.dumps(body)))[0])
     outcome = await client.get_run("k4q95w5")
     assert outcome.result is Result.OK
-    assert outcome.value is not None
+    assert isinstance(outcome, Fetched)
     assert outcome.value.name == "x\ufffd"
 
 
@@ -511,6 +517,7 @@ async def test_deeply_nested_body_is_an_invalid_response(path: str) -> None:
         else client.list_runs(scope="org", base_model=None)
     )
     assert outcome.result is Result.INVALID_RESPONSE
+    assert isinstance(outcome, Failed)
     assert "recursion" in outcome.detail
 
 
@@ -524,6 +531,7 @@ async def test_any_exception_while_parsing_is_an_invalid_response(
     client, _, _ = make_client(sequence(httpx.Response(200, json=run_body()))[0])
     outcome = await client.get_run("k4q95w5")
     assert outcome.result is Result.INVALID_RESPONSE
+    assert isinstance(outcome, Failed)
     assert "parser bug" in outcome.detail
 
 
@@ -538,7 +546,7 @@ async def test_fuzzed_run_bodies_end_in_ok_or_invalid_response() -> None:
     while bodies:
         outcome = await client.get_run("k4q95w5")
         assert outcome.result in (Result.OK, Result.INVALID_RESPONSE)
-        if outcome.value is not None:
+        if isinstance(outcome, Fetched):
             accepted += 1
             sampler = outcome.value.sampler
             kept = (outcome.value.name, outcome.value.base_model, sampler and sampler.status)
@@ -555,7 +563,7 @@ async def test_one_bad_list_entry_fails_only_that_entry() -> None:
     client, _, _ = make_client(sequence(httpx.Response(200, json=body))[0])
     outcome = await client.list_runs(scope="org", base_model=None)
     assert outcome.result is Result.OK
-    assert outcome.value is not None
+    assert isinstance(outcome, Fetched)
     assert [run.id for run in outcome.value.runs] == ["a1", "c3"]
     assert [entry.run_id for entry in outcome.value.invalid] == ["b2"]
 
@@ -568,13 +576,14 @@ async def test_list_body_cap_is_fixed_not_per_watched_run() -> None:
     client, _, _ = make_client(sequence(httpx.Response(200, content=body))[0])
     outcome = await client.list_runs(scope="org", base_model=None)
     assert outcome.result is Result.OK
-    assert outcome.value is not None
+    assert isinstance(outcome, Fetched)
     assert len(outcome.value.runs) == 8000
     small, _, _ = make_client(
         sequence(httpx.Response(200, content=body))[0], list_body_cap=4 * 1024 * 1024
     )
     refused = await small.list_runs(scope="org", base_model=None)
     assert refused.result is Result.INVALID_RESPONSE
+    assert isinstance(refused, Failed)
     assert "4194304-byte cap" in refused.detail
 
 
@@ -584,6 +593,7 @@ async def test_an_answer_carries_when_its_attempt_was_sent() -> None:
     before = time.monotonic()
     outcome = await client.get_run("k4q95w5")
     assert outcome.attempts == 2
+    assert isinstance(outcome, Fetched)
     assert before <= outcome.requested <= time.monotonic()
 
 
@@ -594,6 +604,7 @@ async def test_connection_errors_name_the_host() -> None:
     outcome = await client.get_run("k4q95w5")
     await client.aclose()
     assert outcome.result is Result.CONNECTION_ERROR
+    assert isinstance(outcome, Failed)
     assert "cannot reach 127.0.0.1:9" in outcome.detail
 
 
@@ -689,4 +700,5 @@ async def test_ssl_cert_file_is_trusted(
     await api.close()
     assert trusted.result is Result.OK
     assert refused.result is Result.CONNECTION_ERROR
+    assert isinstance(refused, Failed)
     assert "CERTIFICATE_VERIFY_FAILED" in refused.detail

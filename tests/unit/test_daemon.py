@@ -17,7 +17,7 @@ from watcher import watchlist
 from watcher.config import load_settings
 from watcher.daemon import Watcher
 from watcher.listing import DISCOVERY_FAILING_AFTER
-from watcher.model import SAMPLER_STATUSES, Outcome, Result, Run
+from watcher.model import SAMPLER_STATUSES, Failed, Fetched, Result, Run
 from watcher.recorder import change_level
 
 
@@ -38,12 +38,12 @@ def watcher(clock: FakeClock) -> Watcher:
     return instance
 
 
-def ok(run: Run) -> Outcome[Run]:
-    return Outcome(Result.OK, run, "", 1, "200")
+def ok(run: Run) -> Fetched[Run]:
+    return Fetched(run, 1, "200")
 
 
-def failed(result: Result, detail: str = "boom", retry_after: float | None = None) -> Outcome[Run]:
-    return Outcome(result, None, detail, 4, "error", retry_after)
+def failed(result: Result, detail: str = "boom", retry_after: float | None = None) -> Failed:
+    return Failed(result, detail, 4, "error", retry_after)
 
 
 @pytest.mark.parametrize(
@@ -275,7 +275,7 @@ def test_failing_lists_are_a_problem_only_with_discovery(clock: FakeClock) -> No
         seen = []
         for _ in range(DISCOVERY_FAILING_AFTER):
             seen.append(kinds(instance))
-            instance.listing.record(Outcome(Result.SERVER_ERROR, None, "boom", 4, "503"))
+            instance.listing.record(Failed(Result.SERVER_ERROR, "boom", 4, "503"))
         return [*seen, kinds(instance)]
 
     assert lists_fail("--discover", "org") == [[], [], [], ["discovery_failing"]]

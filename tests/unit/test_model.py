@@ -12,8 +12,11 @@ from support.factories import mutate, run_json
 
 from watcher.model import (
     MAX_TEXT,
+    Failed,
+    Fetched,
     InvalidRun,
     ListDecoder,
+    Result,
     RunList,
     clean_text,
     parse_run,
@@ -27,6 +30,15 @@ def decode(body: bytes, chunk: int | None = None) -> RunList:
     for start in range(0, len(body), step):
         decoder.feed(body[start : start + step])
     return decoder.finish()
+
+
+def test_an_outcome_carries_a_value_exactly_when_its_result_is_ok() -> None:
+    assert Fetched(parse_run(run_json()), 1, "200").result is Result.OK
+    for result in Result:
+        if result is not Result.OK:
+            assert Failed(result, "why", 1, "error").result is result
+    with pytest.raises(ValueError, match="cannot have the result 'ok'"):
+        Failed(Result.OK, "", 1, "200")
 
 
 def test_serverless_sampler_ids_are_null() -> None:

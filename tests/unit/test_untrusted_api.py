@@ -17,7 +17,7 @@ from support.factories import make_run
 from watcher.config import load_settings
 from watcher.daemon import Watcher
 from watcher.listing import DISCOVERY_FAILING_AFTER
-from watcher.model import InvalidRun, Outcome, Result, Run, RunList, parse_run
+from watcher.model import Failed, Fetched, InvalidRun, Outcome, Result, Run, RunList, parse_run
 
 
 def make_watcher(*args: str) -> Watcher:
@@ -32,14 +32,14 @@ def watcher() -> Watcher:
     return make_watcher("--run-id", "k4q95w5", "--run-id", "7wq2m3x")
 
 
-def ok(run: Run, requested: float = 0.0) -> Outcome[Run]:
-    return Outcome(Result.OK, run, "", 1, "200", requested=requested)
+def ok(run: Run, requested: float = 0.0) -> Fetched[Run]:
+    return Fetched(run, 1, "200", requested=requested)
 
 
-def listed(*entries: Run | InvalidRun, requested: float = 0.0) -> Outcome[RunList]:
+def listed(*entries: Run | InvalidRun, requested: float = 0.0) -> Fetched[RunList]:
     runs = [entry for entry in entries if isinstance(entry, Run)]
     invalid = [entry for entry in entries if isinstance(entry, InvalidRun)]
-    return Outcome(Result.OK, RunList(runs, invalid), "", 1, "200", requested=requested)
+    return Fetched(RunList(runs, invalid), 1, "200", requested=requested)
 
 
 def feed_lists(watcher: Watcher, outcomes: list[Outcome[RunList]]) -> Iterator[None]:
@@ -181,9 +181,7 @@ async def test_discovered_run_ids_are_checked_and_each_bad_one_warned_once() -> 
 async def test_discovery_that_keeps_failing_says_so() -> None:
     watcher = make_watcher("--discover", "org")
     assert scrape(watcher).value("loops_watcher_discovery_failing") == 0
-    failure: Outcome[RunList] = Outcome(
-        Result.INVALID_RESPONSE, None, "body exceeds the 67108864-byte cap", 1, "200"
-    )
+    failure = Failed(Result.INVALID_RESPONSE, "body exceeds the 67108864-byte cap", 1, "200")
     with capture_logs() as logs:
         for _ in range(DISCOVERY_FAILING_AFTER + 2):
             await run_list(watcher, failure)
