@@ -26,8 +26,9 @@ SSL_CERT_FILE/SSL_CERT_DIR through httpx's TLS context.
 
 Bodies: a run body is capped at `RUN_BODY_CAP`; a list body at a fixed ceiling that does not
 depend on how many runs are watched (a large org's list must be readable before its runs are),
-decoded as it arrives. Whatever a body holds, decoding and parsing it ends in an outcome:
-`invalid_response` for that poll, never an exception.
+decoded as it arrives, keeping of each entry what the caller's `keep_listed` says. Whatever
+a body holds, decoding and parsing it ends in an outcome: `invalid_response` for that poll,
+never an exception.
 """
 
 from __future__ import annotations
@@ -189,10 +190,12 @@ async def _read_json(response: httpx.Response, cap: int) -> Any:
     return json.loads(await _read_capped(response, cap))
 
 
-async def _read_list(response: httpx.Response, cap: int) -> RunList:
+async def _read_list(
+    response: httpx.Response, cap: int, keep: Callable[[Run], Run | None]
+) -> RunList:
     """Decode a list body as it arrives, up to `cap` bytes; only the unread tail is held."""
     _refuse_declared(response, cap)
-    decoder = ListDecoder()
+    decoder = ListDecoder(keep)
     size = 0
     async for chunk in response.aiter_bytes():
         size += len(chunk)
@@ -282,6 +285,7 @@ class LoopsClient:
         max_requests_per_second: float,
         observer: ClientObserver,
         list_body_cap: int = LIST_BODY_CAP,
+        keep_listed: Callable[[Run], Run | None] = lambda run: run,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -309,6 +313,7 @@ class LoopsClient:
         )
         self._timeout = request_timeout
         self._list_body_cap = list_body_cap
+        self._keep_listed = keep_listed
         self._max_retries = max_retries
         self._slots = asyncio.Semaphore(max_concurrency)
         self._limiter = RateLimiter(max_requests_per_second)
@@ -329,8 +334,11 @@ class LoopsClient:
         return await self._fetch(f"/v1/loops/runs/{quote(run_id, safe='')}", {}, read)
 
     async def list_runs(self, *, scope: str | None, base_model: str | None) -> Outcome[RunList]:
+        """The listed runs, each as `keep_listed` returns it while the list arrives (see
+        `ListDecoder`), and the entries that are no usable run."""
+
         async def read(response: httpx.Response) -> RunList:
-            return await _read_list(response, self._list_body_cap)
+            return await _read_list(response, self._list_body_cap, self._keep_listed)
 
         params = {"scope": scope, "base_model": base_model}
         return await self._fetch(

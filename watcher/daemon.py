@@ -22,6 +22,7 @@ from watcher.config import Settings
 from watcher.lifecycle import Lifecycle
 from watcher.listing import ListLoop
 from watcher.metrics import Metrics
+from watcher.model import Run
 from watcher.page import Page
 from watcher.probes import Probes
 from watcher.recorder import Recorder
@@ -53,6 +54,10 @@ class Watcher:
         self.recorder = Recorder(self.metrics, store, clock=clock)
         self.tracker = self.recorder.tracker
         self.watchlist = WatchList(settings, shard)
+
+        def keep_listed(run: Run) -> Run | None:
+            return self.listing.keep(run)  # the list loop is built after its client
+
         self.client = LoopsClient(
             api_url=settings.api_url,
             api_key=settings.api_key.get_secret_value() if settings.api_key else "",
@@ -62,6 +67,7 @@ class Watcher:
             max_concurrency=settings.max_concurrency,
             max_requests_per_second=settings.max_requests_per_second,
             list_body_cap=settings.max_list_body_bytes,
+            keep_listed=keep_listed,
             observer=self.recorder,
         )
         self.scheduler = Scheduler(

@@ -64,6 +64,25 @@ class ListLoop:
         count = len(self.recorder.tracker.runs) if watched is None else watched
         return self.usable and count >= LIST_MODE_MIN_RUNS
 
+    def keep(self, run: Run) -> Run | None:
+        """What to hold of a listed run until the whole list has arrived (the client's
+        `keep_listed`): nothing of a run `record` would pass over (another shard's, or not
+        watched without discovery), the run already held when nothing changed, else the run.
+
+        A 50,000-run list thus holds new objects only for runs that changed, not a second copy
+        of every run next to the tracker's. An entry whose ID is no run ID is kept, to be
+        warned about."""
+        try:
+            check_run_id(run.id)
+        except ValueError:
+            return run
+        if not self.watchlist.shard.owns(run.id):
+            return None
+        record = self.recorder.tracker.runs.get(run.id)
+        if record is None:
+            return run if self.settings.discover else None
+        return record.run if record.run == run else run
+
     async def run(self) -> None:
         while True:
             if self.active():

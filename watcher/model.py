@@ -7,7 +7,10 @@ ignored and an undocumented status value is kept as it is.
 Every string kept from a body is made safe to export once, here: a lone surrogate (which JSON
 escapes can carry but UTF-8 cannot encode) becomes U+FFFD, and a value longer than
 `MAX_TEXT` characters is cut there, so a 1 MB run name costs neither a label nor a log line
-more than that.
+more than that. Values that many runs share (statuses, base models, owners, instance types)
+are interned, so thousands of runs hold one copy of each rather than one per run; an
+interned string that no run holds any more is freed, so an API that invents a new value for
+every run costs no more than before.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import codecs
 import enum
 import json
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
@@ -202,12 +207,18 @@ def _optional_str(obj: dict[str, Any], key: str) -> str | None:
     return clean_text(value) if isinstance(value, str) else None
 
 
+def _optional_shared(obj: Any, key: str) -> str | None:
+    """`obj[key]` when `obj` is an object and that is a string, interned; else None."""
+    value = obj.get(key) if isinstance(obj, dict) else None
+    return sys.intern(clean_text(value)) if isinstance(value, str) else None
+
+
 def _status_name(obj: dict[str, Any], where: str) -> str:
     status = obj.get("status")
     if not isinstance(status, dict):
         raise InvalidRun(f"{where}.status is missing")
     # An empty name is a value like any other the schema does not list: kept, not refused.
-    return _field(status, "name", f"{where}.status")
+    return sys.intern(_field(status, "name", f"{where}.status"))
 
 
 def _timestamp(obj: dict[str, Any], key: str, where: str) -> float:
@@ -226,14 +237,13 @@ def parse_sampler(obj: Any) -> Sampler:
     if not isinstance(obj, dict):
         raise InvalidRun("run.sampler is not an object")
     node_count = obj.get("node_count")
-    instance = obj.get("instance_type")
     return Sampler(
         id=_field(obj, "id", "sampler"),
         status=_status_name(obj, "sampler"),
         model_id=_nullable(obj, "model_id", "sampler"),
         deployment_id=_nullable(obj, "deployment_id", "sampler"),
-        base_model=_field(obj, "base_model", "sampler"),
-        instance_type=_optional_str(instance, "name") if isinstance(instance, dict) else None,
+        base_model=sys.intern(_field(obj, "base_model", "sampler")),
+        instance_type=_optional_shared(obj.get("instance_type"), "name"),
         node_count=node_count if isinstance(node_count, int) else None,
     )
 
@@ -243,19 +253,17 @@ def parse_run(obj: Any) -> Run:
     if not isinstance(obj, dict):
         raise InvalidRun("run is not an object")
     raw_sampler = obj.get("sampler")
-    run_status = obj.get("status")
-    user = obj.get("user")
     _field(obj, "base_url", "run")  # relied on by the contract; its absence means a broken body
     return Run(
         id=_field(obj, "id", "run"),
         session_id=_field(obj, "session_id", "run"),
-        base_model=_field(obj, "base_model", "run"),
+        base_model=sys.intern(_field(obj, "base_model", "run")),
         created_at=_timestamp(obj, "created_at", "run"),
         sampler=None if raw_sampler is None else parse_sampler(raw_sampler),
         name=_optional_str(obj, "name") or "",
-        status=_optional_str(run_status, "name") if isinstance(run_status, dict) else None,
+        status=_optional_shared(obj.get("status"), "name"),
         deployment_id=_optional_str(obj, "deployment_id"),
-        user_email=_optional_str(user, "email") if isinstance(user, dict) else None,
+        user_email=_optional_shared(obj.get("user"), "email"),
     )
 
 
@@ -268,8 +276,9 @@ def parse_run_response(body: Any) -> Run:
 
 @dataclass(frozen=True, slots=True)
 class RunList:
-    """A list response: its usable runs, and the entries that were not (naming their run
-    when they have an ID), each of which fails only its own run."""
+    """A list response: its usable runs (those the decoder was told to keep), and the entries
+    that were not usable (naming their run when they have an ID), each of which fails only its
+    own run."""
 
     runs: list[Run]
     invalid: list[InvalidRun]
@@ -292,14 +301,18 @@ class ListDecoder:
     """`GET /v1/loops/runs` -> `{"runs": [LoopsRunV1, ...]}`, decoded as the body arrives.
 
     Each entry becomes a `Run` as soon as its text is complete and the text is dropped, so the
-    peak is the parsed runs plus one entry, not the body and its whole object tree (tens of MB
-    of text for a large org make several hundred MB of dicts). The object's own structure is
+    peak is the kept runs plus one entry, not the body and its whole object tree (tens of MB
+    of text for a large org make several hundred MB of dicts). `keep` decides what is kept of
+    each good entry while the rest arrives: the run itself, an equal run the caller already
+    holds (then an unchanged run costs one reference, not a second copy of its strings), or
+    None to drop a run the caller would ignore. The object's own structure is
     walked here and every value is decoded by the stdlib decoder: ijson would stream too, but
     its C backend refuses a whole body for one lone surrogate escape, and a deeply nested body
     makes it build ever longer prefixes until memory runs out.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep: Callable[[Run], Run | None] = lambda run: run) -> None:
+        self._keep = keep
         self._utf8 = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
         self._json = json.JSONDecoder()
         self._text = ""
@@ -387,8 +400,11 @@ class ListDecoder:
             self._state = "comma_or_close"
         else:
             try:
-                self._runs.append(parse_list_entry(value))
+                run = self._keep(parse_list_entry(value))
             except InvalidRun as exc:
                 self._invalid.append(exc)
+            else:
+                if run is not None:
+                    self._runs.append(run)
             self._state = "entry_end"
         return True

@@ -172,6 +172,25 @@ async def test_list_mode_costs_one_request_per_interval(
     assert gets - moving <= 1
 
 
+async def test_an_unchanged_list_holds_no_second_copy_of_its_runs(
+    simulator: Simulator, start: Callable[..., Harness]
+) -> None:
+    run_ids = [f"run{number:04d}" for number in range(LIST_MODE_MIN_RUNS)]
+    for run_id in run_ids:
+        simulator.set_run(run_id, status="ACTIVE")
+    harness = start(*(arg for run_id in run_ids for arg in ("--run-id", run_id)))
+    tracker = harness.watcher.tracker
+    await until(lambda: all(harness.status_of(run_id) == "ACTIVE" for run_id in run_ids))
+    held = {run_id: tracker.runs[run_id].run for run_id in run_ids}
+    lists = harness.lists()
+    simulator.set_status(run_ids[0], "FAILED")
+    await until(lambda: harness.lists() >= lists + 2)  # the first of these has been recorded
+    assert harness.status_of(run_ids[0]) == "FAILED"
+    assert [run_id for run_id in run_ids if tracker.runs[run_id].run is not held[run_id]] == [
+        run_ids[0]
+    ]
+
+
 async def test_runs_the_list_lacks_and_keys_it_rejects_fall_back_to_gets(
     simulator: Simulator, start: Callable[..., Harness]
 ) -> None:

@@ -17,6 +17,7 @@ from watcher.model import (
     InvalidRun,
     ListDecoder,
     Result,
+    Run,
     RunList,
     clean_text,
     parse_run,
@@ -118,6 +119,45 @@ def test_one_bad_entry_fails_only_itself() -> None:
         ("b2", True),
         (None, False),
     ]
+
+
+def test_a_list_keeps_of_each_entry_what_keep_returns() -> None:
+    held = parse_run(run_json("a1"))
+    body = list_body(run_json("a1"), run_json("b2"), run_json("c3", "FAILED"), {"id": 42})
+
+    def keep(run: Run) -> Run | None:
+        if run.id == "b2":
+            return None
+        return held if run == held else run
+
+    for step in (1, 7, len(body)):
+        decoder = ListDecoder(keep)
+        for start in range(0, len(body), step):
+            decoder.feed(body[start : start + step])
+        result = decoder.finish()
+        assert [run.id for run in result.runs] == ["a1", "c3"]
+        assert result.runs[0] is held  # an unchanged run costs a reference, not a copy
+        assert result.runs[1].sampler is not None
+        assert result.runs[1].sampler.status == "FAILED"
+        assert len(result.invalid) == 1  # a bad entry is never the keeper's to drop
+
+
+def test_values_many_runs_share_are_held_once() -> None:
+    def parsed(run_id: str) -> Run:
+        body = run_json(run_id, user={"email": "ada@example.com"})
+        body["status"] = {"name": "ACTIVE"}
+        body["sampler"]["instance_type"] = {"name": "1xH100"}
+        return parse_run(json.loads(json.dumps(body)))  # fresh strings for every run
+
+    first, second = parsed("a1"), parsed("b2")
+    assert first.sampler is not None
+    assert second.sampler is not None
+    assert first.base_model is second.base_model is first.sampler.base_model
+    assert first.status is second.status
+    assert first.user_email is second.user_email
+    assert first.sampler.status is second.sampler.status
+    assert first.sampler.instance_type is second.sampler.instance_type == "1xH100"
+    assert first.session_id == second.session_id  # equal, and each run's own: never shared
 
 
 def test_empty_list_is_a_list() -> None:

@@ -18,6 +18,7 @@ from watcher.config import load_settings
 from watcher.daemon import Watcher
 from watcher.listing import DISCOVERY_FAILING_AFTER
 from watcher.model import Failed, Fetched, InvalidRun, Outcome, Result, Run, RunList, parse_run
+from watcher.sharding import shard_of
 
 
 def make_watcher(*args: str) -> Watcher:
@@ -196,3 +197,32 @@ async def test_discovery_that_keeps_failing_says_so() -> None:
 
 def test_discovery_gauge_is_absent_without_discovery(watcher: Watcher) -> None:
     assert "loops_watcher_discovery_failing" not in watcher.metrics.render("")[0].decode()
+
+
+def test_a_list_holds_only_what_it_will_record() -> None:
+    """What a list keeps while the rest of it arrives: no second copy of an unchanged run,
+    nothing of a run it would pass over, and every entry it must warn about."""
+    watched = [f"run{number:03d}" for number in range(8)]
+    argv = [arg for run_id in watched for arg in ("--run-id", run_id)]
+    watcher = make_watcher(*argv, "--total-shards", "2", "--shard", "0")
+    mine = [run_id for run_id in watched if shard_of(run_id, 2) == 0]
+    theirs = next(run_id for run_id in watched if shard_of(run_id, 2) == 1)
+    unwatched = next(f"new{n:03d}" for n in range(100) if shard_of(f"new{n:03d}", 2) == 0)
+    held = make_run("ACTIVE", run_id=mine[0])
+    watcher.recorder.apply(mine[0], ok(held))
+    keep = watcher.listing.keep
+
+    assert keep(make_run("ACTIVE", run_id=mine[0])) is held
+    changed = make_run("FAILED", run_id=mine[0])
+    assert keep(changed) is changed
+    never_seen = make_run("ACTIVE", run_id=mine[1])
+    assert keep(never_seen) is never_seen
+    assert keep(make_run("ACTIVE", run_id=theirs)) is None
+    assert keep(make_run("ACTIVE", run_id=unwatched)) is None  # no discovery: ignored
+    bad_id = make_run("ACTIVE", run_id="../../etc")
+    assert keep(bad_id) is bad_id  # kept to be warned about
+
+    discovering = make_watcher("--discover", "org", "--total-shards", "2", "--shard", "0")
+    new = make_run("ACTIVE", run_id=unwatched)
+    assert discovering.listing.keep(new) is new
+    assert discovering.listing.keep(make_run("ACTIVE", run_id=theirs)) is None
