@@ -31,7 +31,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 
-from watcher.model import RUN_STATUSES, SAMPLER_STATUSES
+from watcher.model import RETRIED_RESULTS, RUN_STATUSES, SAMPLER_STATUSES
 from watcher.sharding import Shard
 from watcher.tracker import RunRecord
 
@@ -218,6 +218,8 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        for result in RETRIED_RESULTS:
+            self.retries.labels(str(result))
         self.api_requests = Counter(
             "loops_watcher_api_requests_total",
             "HTTP attempts to the Loops API by status code ('error' where none came back).",

@@ -42,6 +42,16 @@ class Result(enum.StrEnum):
     INVALID_RESPONSE = "invalid_response"
 
 
+# The results the API client retries (a 429, a 5xx, no answer in time, no connection): their
+# retry counters are exported at 0 from the start, so "no retries" is a 0 on a dashboard.
+RETRIED_RESULTS = (
+    Result.RATE_LIMITED,
+    Result.SERVER_ERROR,
+    Result.TIMEOUT,
+    Result.CONNECTION_ERROR,
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Fetched(Generic[T]):
     """A poll (one or more attempts) that read its value."""

@@ -23,6 +23,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from support import Exposition
 
 from watcher.config import load_settings
 from watcher.model import SAMPLER_STATUSES
@@ -126,6 +127,42 @@ def run(*argv: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]
     return subprocess.run(
         [str(arg) for arg in argv], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
     )
+
+
+def selector(name: str, labels: Mapping[str, str]) -> str:
+    def quoted(value: str) -> str:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    return (
+        name
+        + "{"
+        + ",".join(f'{key}="{quoted(value)}"' for key, value in sorted(labels.items()))
+        + "}"
+    )
+
+
+def input_series(
+    scrapes: list[list[Exposition | None]], targets: list[dict[str, str]]
+) -> list[dict[str, str]]:
+    """promtool series from real scrapes: `scrapes[step][i]` is what target i exported at that
+    step (None: the scrape failed), with the target's labels added and `up` beside."""
+    steps = len(scrapes)
+    values: dict[str, list[str]] = {}
+    for index, labels in enumerate(targets):
+        values[selector("up", labels)] = ["1" if row[index] else "0" for row in scrapes]
+        for step, row in enumerate(scrapes):
+            exposition = row[index]
+            for sample in exposition.samples if exposition else ():
+                key = selector(sample.name, {**sample.labels, **labels})
+                values.setdefault(key, ["_"] * steps)[step] = repr(float(sample.value))
+    series = []
+    for key, points in values.items():
+        # A series a target stops exporting is marked stale at the first scrape without it.
+        for step in range(1, steps):
+            if points[step] == "_" and points[step - 1] not in ("_", "stale"):
+                points[step] = "stale"
+        series.append({"series": key, "values": " ".join(points)})
+    return series
 
 
 def load_yaml(path: Path) -> Any:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from support import Exposition
 from support.e2e import FAST, StartSimulator, StartWatcher, WatcherProcess
-from test_deploy import ALERTS, JOB, alert_rules, load_yaml, run, tool
+from test_deploy import ALERTS, JOB, alert_rules, input_series, load_yaml, run, tool
 
 pytestmark = pytest.mark.e2e
 
@@ -51,39 +51,6 @@ def scrape_both(replicas: list[WatcherProcess]) -> list[list[Exposition | None]]
         )
         time.sleep(0.2)
     return scrapes
-
-
-def selector(name: str, labels: dict[str, str]) -> str:
-    def quoted(value: str) -> str:
-        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-    return (
-        name
-        + "{"
-        + ",".join(f'{key}="{quoted(value)}"' for key, value in sorted(labels.items()))
-        + "}"
-    )
-
-
-def input_series(scrapes: list[list[Exposition | None]]) -> list[dict[str, str]]:
-    """promtool series: every sample of every scrape, plus `up`, per replica."""
-    values: dict[str, list[str]] = {}
-    for index, pod in enumerate(REPLICAS):
-        labels = target(pod)
-        values[selector("up", labels)] = ["1" if row[index] else "0" for row in scrapes]
-        for step, row in enumerate(scrapes):
-            exposition = row[index]
-            for sample in exposition.samples if exposition else ():
-                key = selector(sample.name, {**sample.labels, **labels})
-                values.setdefault(key, ["_"] * STEPS)[step] = repr(float(sample.value))
-    series = []
-    for key, points in values.items():
-        # A series a replica stops exporting is marked stale at the first scrape without it.
-        for step in range(1, STEPS):
-            if points[step] == "_" and points[step - 1] not in ("_", "stale"):
-                points[step] = "stale"
-        series.append({"series": key, "values": " ".join(points)})
-    return series
 
 
 def expected_alerts(
@@ -152,7 +119,11 @@ def test_two_replicas_one_killed_alert_once_per_run_without_a_gap(
         "rule_files": ["rules.yml"],
         "evaluation_interval": "1m",
         "tests": [
-            {"interval": "1m", "input_series": input_series(scrapes), "alert_rule_test": checks}
+            {
+                "interval": "1m",
+                "input_series": input_series(scrapes, [target(pod) for pod in REPLICAS]),
+                "alert_rule_test": checks,
+            }
         ],
     }
     (tmp_path / "replicas_test.yml").write_text(yaml.safe_dump(unit_test), encoding="utf-8")

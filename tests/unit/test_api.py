@@ -27,7 +27,7 @@ from watcher.api import (
     RateLimiter,
     parse_retry_after,
 )
-from watcher.model import Failed, Fetched, Result
+from watcher.model import RETRIED_RESULTS, Failed, Fetched, Result
 
 
 def run_body(run_id: str = "k4q95w5", status: str = "ACTIVE") -> dict[str, Any]:
@@ -160,6 +160,7 @@ async def test_transient_statuses_are_retried_then_succeed(status: int) -> None:
         (expected, 1),
         (expected, 2),
     ]
+    assert expected in RETRIED_RESULTS, "its retry counter is not exported from the start"
     assert recorder.codes == [str(status), str(status), "200"]
     assert len(sleeps.calls) == 2
     assert all(0 < delay <= 8.5 for delay in sleeps.calls)
@@ -299,6 +300,8 @@ async def test_transport_failures_are_retried(error: Exception, result: Result) 
     assert outcome.code == "error"
     assert len(seen) == 2
     assert recorder.codes == ["error", "error"]
+    assert [reason for reason, _, _ in recorder.retries] == [result]
+    assert result in RETRIED_RESULTS, "its retry counter is not exported from the start"
 
 
 async def test_declared_oversized_body_is_refused() -> None:

@@ -119,6 +119,12 @@ def test_watcher_and_process_series_exist_before_any_poll() -> None:
     found = samples(Metrics(CollectorRegistry(), "1.2.3", Shard(0, 1)).render("")[0].decode())
     assert value(found, "loops_watcher_api_key_rejected") == 0
     assert value(found, "loops_watcher_watched_runs") == 0
+    retries = {
+        sample.labels["reason"]: sample.value
+        for sample in found["loops_watcher_retries"]
+        if sample.name == "loops_watcher_retries_total"
+    }
+    assert retries == {"rate_limited": 0, "server_error": 0, "timeout": 0, "connection_error": 0}
     assert value(found, "process_resident_memory_bytes") > 0
     assert value(found, "process_start_time_seconds") > 0
     assert found["python_info"][0].labels["implementation"]
