@@ -516,13 +516,15 @@ def notification(alerts: list[dict[str, Any]], status: str = "firing") -> dict[s
     }
 
 
-def fired(rule_name: str, labels: dict[str, str]) -> dict[str, Any]:
-    """A firing alert of alerts.yml as Prometheus sends it; summary and description stand-ins."""
+def fired(rule_name: str, labels: dict[str, str], **rendered: str) -> dict[str, Any]:
+    """A firing alert of alerts.yml as Prometheus sends it; summary and description stand-ins,
+    other annotations as `rendered` gives them (alerts_test.yml tests their rendering)."""
     (rule,) = [
         r
         for r in alert_rules()
         if r["alert"] == rule_name and r["labels"] == {"severity": labels["severity"]}
     ]
+    assert set(rendered) <= set(rule["annotations"]), "not an annotation of the rule"
     return {
         "status": "firing",
         "labels": {"alertname": rule_name, **labels},
@@ -530,6 +532,7 @@ def fired(rule_name: str, labels: dict[str, str]) -> dict[str, Any]:
             "summary": f"summary of {rule_name}",
             "description": f"description of {rule_name}",
             "runbook_url": rule["annotations"]["runbook_url"],
+            **rendered,
         },
         "startsAt": "2026-12-01T21:07:25Z",
         "endsAt": "0001-01-01T00:00:00Z",
@@ -550,10 +553,14 @@ RUN_LABELS = {
 
 
 @pytest.mark.process
-def test_notification_names_run_model_owner_status_since_when_and_runbook(
+def test_notification_names_run_model_owner_status_how_long_and_runbook(
     tmp_path: Path,
 ) -> None:
-    alert = fired("LoopsSamplerFailed", {**RUN_LABELS, "severity": "critical", "status": "FAILED"})
+    alert = fired(
+        "LoopsSamplerFailed",
+        {**RUN_LABELS, "severity": "critical", "status": "FAILED"},
+        current_status="FAILED for 12m 5s",
+    )
     data = notification([alert])
     title = render_notification("loops.title", data, tmp_path)
     assert title == "[FIRING:1] LoopsSamplerFailed: llama31-8b-dpo (FAILED)"
@@ -564,7 +571,7 @@ def test_notification_names_run_model_owner_status_since_when_and_runbook(
         "meta-llama/Llama-3.1-8B-Instruct, model wd1x2zq, deployment q4k8m1p"
     )
     assert lines["Owner"].strip() == "ada@example.com"
-    assert lines["Status"].strip() == "FAILED"
+    assert lines["Status"].strip() == "FAILED for 12m 5s"
     assert lines["Firing"].strip() == "since 2026-12-01 21:07:25 UTC"
     runbook = f"{makefile_variable('RUNBOOK_URL')}#loopssamplerfailed"
     assert lines["Runbook"].strip() == runbook
@@ -576,9 +583,27 @@ def test_notification_names_run_model_owner_status_since_when_and_runbook(
         [{**alert, "status": "resolved", "endsAt": "2026-12-01T21:31:00Z"}], status="resolved"
     )
     assert render_notification("loops.title", resolved, tmp_path).startswith("[RESOLVED] ")
-    assert "Resolved: 2026-12-01 21:31:00 UTC, after firing for 23m35s" in render_notification(
-        "loops.text", resolved, tmp_path
+    text = render_notification("loops.text", resolved, tmp_path)
+    assert "Resolved: 2026-12-01 21:31:00 UTC, after firing for 23m35s" in text
+    # The time in status it was sent with is stale once resolved.
+    assert "Status:  FAILED\n" in text
+
+    # An alert about a sampler that names no status (flapping) still says where it is now;
+    # one whose status Prometheus could not read says what the alert knows.
+    flapping = fired(
+        "LoopsSamplerFlapping",
+        {**RUN_LABELS, "severity": "warning"},
+        current_status="UNHEALTHY for 45s",
     )
+    text = render_notification("loops.text", notification([flapping]), tmp_path)
+    assert "Status:  UNHEALTHY for 45s\n" in text
+    unknown = fired(
+        "LoopsSamplerFailed",
+        {**RUN_LABELS, "severity": "critical", "status": "FAILED"},
+        current_status="",
+    )
+    text = render_notification("loops.text", notification([unknown]), tmp_path)
+    assert "Status:  FAILED\n" in text
 
 
 @pytest.mark.process
@@ -645,12 +670,25 @@ def test_every_alert_is_unit_tested_both_firing_and_silent() -> None:
     assert names - silent == set(), "alerts never tested silent"
 
 
+SAMPLER_GROUP = "loops-watcher-samplers"
+
+
 def test_every_alert_has_severity_summary_description_and_runbook() -> None:
+    for group in load_yaml(ALERTS)["groups"]:
+        for rule in (rule for rule in group["rules"] if "alert" in rule):
+            name = rule["alert"]
+            assert rule["labels"]["severity"] in {"warning", "critical"}, name
+            # An alert about a sampler also says its status now and for how long.
+            expected = {"summary", "description", "runbook_url"}
+            if group["name"] == SAMPLER_GROUP:
+                expected.add("current_status")
+            assert set(rule["annotations"]) == expected, name
+    # One query for it, the same in every rule.
+    group = {group["name"]: group for group in load_yaml(ALERTS)["groups"]}[SAMPLER_GROUP]
+    assert len({rule["annotations"]["current_status"] for rule in group["rules"]}) == 1
     for rule in alert_rules():
         name = rule["alert"]
-        assert rule["labels"]["severity"] in {"warning", "critical"}, name
         annotations = rule["annotations"]
-        assert set(annotations) == {"summary", "description", "runbook_url"}, name
         if "baseten_loops_run_info" in rule["expr"]:
             text = annotations["summary"] + annotations["description"]
             for label in ("run_id", "run_name", "base_model"):
@@ -675,6 +713,11 @@ def test_runbook_has_a_section_for_every_alert_and_none_for_missing_ones() -> No
         assert anchor in anchors, f"{rule['alert']}: no section #{anchor} in {RUNBOOK.name}"
     alert_sections = {heading for heading in headings if heading.startswith("Loops")}
     assert alert_sections == names
+    # The default is a guess at the repository's address (it names no remote): say so, and how
+    # to change it.
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert f"`{base}`. That address is an assumption" in readme
+    assert "make runbook-url RUNBOOK_URL=" in readme
 
 
 @pytest.mark.process
