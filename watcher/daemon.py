@@ -74,6 +74,7 @@ class Watcher:
             self.poll_run,
             poll_interval=settings.poll_interval,
             fast_poll_interval=settings.fast_poll_interval,
+            max_concurrency=settings.max_concurrency,
         )
         self.listing = ListLoop(
             settings,

@@ -6,6 +6,13 @@ firing in lockstep. A run whose polls keep failing backs off exponentially (capp
 API that asked for patience with Retry-After gets it. Each poll is its own task, so a slow or
 failing run never holds up the others; the global limits on concurrency and request rate
 live in the API client, around each HTTP attempt.
+
+A poll waiting for one of those slots holds its task, its frames and its retry state, about
+7 kB; when the API (or the machine) is slower than the schedule, every run would be waiting
+at once (10,000 runs: some 70 MB). So at most `max_started` polls are under way: past that,
+due runs stay in the heap (under 100 bytes each) and start, most overdue first, as polls end.
+The bound leaves room beyond the connections for polls that sleep between retries, so a
+flaky API does not starve the others.
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ TICK = 1.0  # the loop wakes at least this often, which is what /healthz watches
 # Polls due within this much (at most a fiftieth of the fast interval) start together: one
 # wake-up for several lets the event loop batch their I/O, about a fifth less CPU per poll.
 COALESCE = 0.1
+# Polls under way beyond the connections in flight: those waiting for a slot or sleeping
+# between retries. With every run failing, 512 polls of about 5 s of retries each still
+# reach 10,000 runs within MAX_BACKOFF.
+WAITING_POLLS = 512
 
 
 def loop_time() -> float:
@@ -70,10 +81,12 @@ class Scheduler:
         *,
         poll_interval: float,
         fast_poll_interval: float,
+        max_concurrency: int = 16,
         clock: Callable[[], float] = loop_time,
         rng: random.Random | None = None,
     ) -> None:
         self._poll = poll
+        self.max_started = max_concurrency + WAITING_POLLS
         self._poll_interval = poll_interval
         self._fast_interval = fast_poll_interval
         self._coalesce = min(COALESCE, fast_poll_interval / 50)
@@ -132,11 +145,16 @@ class Scheduler:
         try:
             while True:
                 now = self.heartbeat = self._clock()
-                while self._heap and self._heap[0][0] <= now + self._coalesce:
+                while (
+                    self._heap
+                    and self._heap[0][0] <= now + self._coalesce
+                    and len(self._inflight) < self.max_started
+                ):
                     _due, generation, run_id = heapq.heappop(self._heap)
                     if self._generation.get(run_id) == generation and run_id not in self._inflight:
                         self._start(run_id, generation)
-                timeout = min(self._heap[0][0] - now, TICK) if self._heap else TICK
+                full = len(self._inflight) >= self.max_started
+                timeout = min(self._heap[0][0] - now, TICK) if self._heap and not full else TICK
                 self._wake.clear()
                 try:
                     async with asyncio.timeout(max(timeout, 0.0)):
@@ -163,6 +181,8 @@ class Scheduler:
             cadence = Cadence(fast=False, failures=1)
         finally:
             del self._inflight[run_id]
+            if len(self._inflight) == self.max_started - 1:
+                self._wake.set()  # a due run may have been waiting for this one to end
         if self._generation.get(run_id) == generation:
             delay = next_delay(cadence, self._poll_interval, self._fast_interval, self._rng)
             self._push(run_id, delay)

@@ -135,3 +135,37 @@ async def test_cancel_stops_polls_in_flight_and_heartbeat_moves() -> None:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert cancelled.is_set()
+
+
+@pytest.mark.looptime
+async def test_polls_under_way_are_bounded_and_the_most_overdue_start_first() -> None:
+    """An API slower than the schedule leaves due runs in the heap, not as waiting tasks."""
+    release = asyncio.Event()
+    under_way: set[str] = set()
+    most = 0
+    started: list[str] = []
+
+    async def poll(run_id: str) -> Cadence:
+        nonlocal most
+        under_way.add(run_id)
+        most = max(most, len(under_way))
+        started.append(run_id)
+        await release.wait()
+        under_way.discard(run_id)
+        return Cadence(fast=False)
+
+    scheduler = Scheduler(poll, poll_interval=3600, fast_poll_interval=3600, max_concurrency=2)
+    limit = scheduler.max_started
+    runs = [f"r{n:04d}" for n in range(limit + 50)]
+    for number, run_id in enumerate(runs):
+        scheduler.add(run_id, after=number * 0.001)  # due in this order
+    task = asyncio.create_task(scheduler.run())
+    await asyncio.sleep(1.0)
+    assert len(under_way) == limit
+    assert started == runs[:limit]
+    release.set()
+    await asyncio.sleep(1.0)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert most == limit
+    assert started == runs  # the waiting ones came next, oldest due first, each once
