@@ -20,7 +20,9 @@ a restart and untimed (the moment it happened is unknown).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from watcher.model import OTHER, Result, Run, is_documented
 
@@ -68,6 +70,13 @@ class Transition:
     to_status: str
 
 
+# Shared by every record until its first transition, which most runs never have: an empty
+# Counter and set of its own would cost each record about 300 bytes (3 MB at 10,000 runs).
+# Transitions and undocumented statuses are rare, so a change replaces the whole value.
+_NO_TRANSITIONS: Mapping[tuple[str, str], int] = MappingProxyType({})
+_NO_STATUSES: frozenset[str] = frozenset()
+
+
 @dataclass(slots=True)
 class RunRecord:
     """Everything known about one watched run."""
@@ -78,8 +87,8 @@ class RunRecord:
     since: float | None = None
     saw_status_begin: bool = False
     applied_request: float = float("-inf")  # when the last applied observation was requested
-    transitions: Counter[tuple[str, str]] = field(default_factory=Counter)
-    undocumented: set[str] = field(default_factory=set)  # named in `transitions`
+    transitions: Mapping[tuple[str, str], int] = field(default_factory=lambda: _NO_TRANSITIONS)
+    undocumented: frozenset[str] = _NO_STATUSES  # named in `transitions`
     # Oldest first. A tuple, not a deque: an empty one costs nothing, and at 10,000 runs an
     # empty bounded deque each would cost 7.7 MB; transitions are rare enough to copy.
     recent: tuple[Transition, ...] = ()
@@ -134,20 +143,20 @@ class Tracker:
 
     def restore(self, saved: Saved) -> RunRecord:
         """Watch a run as a previous process left it; its first poll here confirms or moves it."""
-        transitions = Counter({(old, new): count for old, new, count in saved.transitions})
+        transitions = {(old, new): count for old, new, count in saved.transitions}
         record = self.runs[saved.run_id] = RunRecord(
             saved.run_id,
             run=saved.run,
             status=saved.status,
             since=saved.since,
             saw_status_begin=saved.saw_status_begin,
-            transitions=transitions,
-            undocumented={
+            transitions=transitions or _NO_TRANSITIONS,
+            undocumented=frozenset(
                 status
                 for pair in transitions
                 for status in pair
                 if not is_documented(status) and status != OTHER
-            },
+            ),
             recent=saved.recent[-RECENT_TRANSITIONS:],
             carried_over=True,
         )
@@ -193,7 +202,10 @@ class Tracker:
                     Changed(run.id, sampler_id, record.status, status, seconds, across_restart)
                 )
                 pair = (_transition_label(record, record.status), _transition_label(record, status))
-                record.transitions[pair] += 1
+                record.transitions = {
+                    **record.transitions,
+                    pair: record.transitions.get(pair, 0) + 1,
+                }
                 transition = Transition(now, record.status, status)
                 record.recent = (*record.recent, transition)[-RECENT_TRANSITIONS:]
                 record.since = now
@@ -227,6 +239,6 @@ def _transition_label(record: RunRecord, status: str) -> str:
     if is_documented(status) or status in record.undocumented:
         return status
     if len(record.undocumented) < UNDOCUMENTED_PER_RUN:
-        record.undocumented.add(status)
+        record.undocumented |= {status}
         return status
     return OTHER
