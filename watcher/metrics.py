@@ -1,9 +1,10 @@
 """Prometheus exposition: per-run series rendered from cached blocks, the rest via a registry.
 
 Per-run series (`run_id` label) are rendered into text once per run when that run changes and
-kept as immutable UTF-8 bytes; a scrape takes a shallow copy of the mapping (a snapshot: polls
-can go on while it is sent) and lists the blocks family by family, which the server sends
-without joining them: 10,000 runs make 17 MB of text, and one more copy of it a scrape made the
+kept as immutable UTF-8 bytes, one tuple of blocks a run (a block per family, `b""` where a
+family has no sample); a scrape takes a shallow copy of the mapping (a snapshot: polls can go
+on while it is sent) and lists the blocks family by family, which the server sends without
+joining them: 10,000 runs make 17 MB of text, and one more copy of it a scrape made the
 watcher's peak memory creep up. A run that stops being watched
 is dropped from the mapping and so vanishes from the next scrape. prometheus-client's own
 formatter needs over a second for 10,000 runs; the cached blocks parse to identical samples in
@@ -196,6 +197,11 @@ def _encoded(blocks: tuple[str, ...]) -> tuple[bytes, ...]:
     return tuple(block.encode() for block in blocks)
 
 
+FAMILIES = STATE_FAMILIES + POLL_FAMILIES
+_POLLS_AT = len(STATE_FAMILIES)  # where a run's POLL_FAMILIES blocks start in its tuple
+_UNRENDERED = (b"",) * len(FAMILIES)  # a run watched but not read yet, shared by all of them
+
+
 class Metrics:
     """All series the watcher exports, and their rendering for one scrape."""
 
@@ -203,8 +209,7 @@ class Metrics:
         self, registry: CollectorRegistry, version: str, shard: Shard, *, discovery: bool = False
     ) -> None:
         self.registry = registry
-        self._state: dict[str, tuple[bytes, ...]] = {}
-        self._polls: dict[str, tuple[bytes, ...]] = {}
+        self._blocks: dict[str, tuple[bytes, ...]] = {}  # run_id -> a block per FAMILIES
         self.status_duration = Histogram(
             "baseten_loops_sampler_status_duration_seconds",
             "Time a sampler spent in a status, observed on leaving a status seen to begin.",
@@ -233,7 +238,7 @@ class Metrics:
             registry=registry,
         )
         watched = Gauge("loops_watcher_watched_runs", "Runs being watched.", registry=registry)
-        watched.set_function(lambda: len(self._polls))
+        watched.set_function(lambda: len(self._blocks))
         Gauge(
             "loops_watcher_build_info",
             "Version of the watcher; always 1.",
@@ -266,21 +271,22 @@ class Metrics:
         )
 
     def watch(self, run_id: str) -> None:
-        self._state.setdefault(run_id, (b"",) * len(STATE_FAMILIES))
-        self._polls.setdefault(run_id, (b"",) * len(POLL_FAMILIES))
+        self._blocks.setdefault(run_id, _UNRENDERED)
 
     def forget(self, run_id: str) -> None:
-        self._state.pop(run_id, None)
-        self._polls.pop(run_id, None)
+        self._blocks.pop(run_id, None)
 
     def update_state(self, record: RunRecord) -> None:
         """Render a run's observed state; raises, changing nothing, if it cannot be rendered."""
-        if record.run_id in self._state:  # else unwatched while its poll was in flight
-            self._state[record.run_id] = _encoded(render_state(record))
+        blocks = self._blocks.get(record.run_id)
+        if blocks is not None:  # else unwatched while its poll was in flight
+            state = _encoded(render_state(record))
+            self._blocks[record.run_id] = state + blocks[_POLLS_AT:]
 
     def update_polls(self, record: RunRecord) -> None:
-        if record.run_id in self._polls:
-            self._polls[record.run_id] = _encoded(render_polls(record))
+        blocks = self._blocks.get(record.run_id)
+        if blocks is not None:
+            self._blocks[record.run_id] = blocks[:_POLLS_AT] + _encoded(render_polls(record))
 
     def render(self, accept: str) -> tuple[bytes, str]:
         """The whole exposition in the format the Accept header asks for, as one body."""
@@ -291,12 +297,10 @@ class Metrics:
         """The exposition as the pieces it is made of, in order; nothing is copied."""
         encoder, content_type = choose_encoder(accept)
         openmetrics = content_type.startswith(OPENMETRICS)
-        state = list(self._state.values())
-        polls = list(self._polls.values())
+        runs = list(self._blocks.values())
         parts: list[bytes] = []
-        for families, blocks in ((STATE_FAMILIES, state), (POLL_FAMILIES, polls)):
-            for index, family in enumerate(families):
-                parts.append(family.header(openmetrics).encode())
-                parts.extend(block[index] for block in blocks)
+        for index, family in enumerate(FAMILIES):
+            parts.append(family.header(openmetrics).encode())
+            parts.extend(blocks[index] for blocks in runs)
         parts.append(encoder(self.registry))
         return parts, content_type
