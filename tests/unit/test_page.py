@@ -17,6 +17,7 @@ from support.factories import make_run
 
 from watcher.model import Result, Run, parse_run
 from watcher.page import (
+    CACHE_KEPT,
     CLASS_ORDER,
     PAGE_SIZE,
     SECURITY_HEADERS,
@@ -218,6 +219,22 @@ def test_each_runs_json_is_redone_only_when_the_run_changed() -> None:
     assert "idle001" not in api.fragments()
     read(tracker, make_run("FAILED", "idle001"), NOW)
     assert json.loads(api.fragments()["idle001"])["status"] == "FAILED"
+
+
+@pytest.mark.looptime
+async def test_the_runs_json_is_let_go_once_nobody_reads_it() -> None:
+    tracker = world()
+    api = Page(lambda: tracker.runs, list, lambda: NOW, version="1.2.3")
+    request = Request("GET", "/api/v1/runs", {}, {})
+    await api.runs(request)
+    first = api.fragments()
+    await asyncio.sleep(CACHE_KEPT / 2)
+    await api.runs(request)  # a page still open keeps it
+    await asyncio.sleep(CACHE_KEPT / 2 + 1)
+    kept = api.fragments()
+    assert kept["ready01"] is first["ready01"]
+    await asyncio.sleep(CACHE_KEPT + 1)  # nobody read it since
+    assert api.fragments()["ready01"] is not first["ready01"]
 
 
 def test_problems_are_in_the_document() -> None:
