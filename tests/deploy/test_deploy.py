@@ -720,6 +720,19 @@ def test_runbook_has_a_section_for_every_alert_and_none_for_missing_ones() -> No
     assert "make runbook-url RUNBOOK_URL=" in readme
 
 
+def test_readme_lists_every_alert_with_its_threshold_and_time_to_fire() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n### Alerts\n", 1)[1].split("\n#", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| ([\w /]+) \|([^|]+)\|([^|]+)\|$", section, re.M)
+    listed: set[tuple[str, str]] = set()
+    for name, severities, fires_when, time_to_fire in rows:
+        assert fires_when.strip(), f"{name}: no condition"
+        assert time_to_fire.strip(), f"{name}: no time to fire"
+        # One row may stand for both rules of a name ("warning / critical").
+        listed |= {(name, severity.strip()) for severity in severities.split("/")}
+    assert listed == {(rule["alert"], rule["labels"]["severity"]) for rule in alert_rules()}
+
+
 @pytest.mark.process
 def test_make_runbook_url_points_every_link_at_one_new_place(tmp_path: Path) -> None:
     copy = tmp_path / "repo"

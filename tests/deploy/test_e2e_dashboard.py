@@ -19,12 +19,13 @@ import pytest
 import yaml
 from support import Exposition
 from support.e2e import FAST, StartSimulator, StartWatcher
-from test_deploy import JOB, input_series, panels, run, substitute, tool
+from test_deploy import JOB, NO_SAMPLER, input_series, panel_query, panels, run, substitute, tool
 
 pytestmark = pytest.mark.e2e
 
 RUNS = {"quiet-active": "ACTIVE", "quiet-idle": "SCALED_TO_ZERO", "quiet-trainer": None}
-SCRAPES = 9  # two minutes of rule time
+SCRAPES = 9  # two minutes of rule time, 15 s apart
+LAST = f"{(SCRAPES - 1) * 15}s"
 # Counts of what a quiet watcher never saw: a value, and that value 0.
 ZERO = {
     "Samplers in transition",
@@ -102,11 +103,17 @@ def test_every_panel_shows_a_value_0_where_nothing_happened_or_says_why_not(
                 rules.append({"alert": name, "expr": check})
                 expected.append(
                     {
-                        "eval_time": f"{(SCRAPES - 1) * 15}s",
+                        "eval_time": LAST,
                         "alertname": name,
                         "exp_alerts": [{"exp_labels": {}}] if fires else [],
                     }
                 )
+    # The status table: one row per run, the run without a sampler too.
+    table = panel_query("Current status of every run")
+    where["table_rows"] = "the status table should list each run once, by its status"
+    rules.append({"alert": "table_rows", "expr": f"count by (status) (\n{table}\n) == 1"})
+    rows = [{"exp_labels": {"status": status or NO_SAMPLER}} for status in RUNS.values()]
+    expected.append({"eval_time": LAST, "alertname": "table_rows", "exp_alerts": rows})
     (tmp_path / "panels.yml").write_text(
         yaml.safe_dump({"groups": [{"name": "panels", "rules": rules}]}), encoding="utf-8"
     )
