@@ -19,11 +19,11 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
-from pydantic import SecretStr
 
 from watcher.config import (
     API_KEY_ENV,
     ConfigError,
+    Secret,
     Settings,
     environment,
     load_settings,
@@ -49,9 +49,7 @@ async def demo_backend(settings: Settings) -> AsyncIterator[Settings]:
     simulator = Simulator(load_scenario("demo"), api_keys=[key])
     await simulator.start("127.0.0.1", 0)
     intervals = {
-        name: value
-        for name, value in DEMO_INTERVALS.items()
-        if name not in settings.model_fields_set
+        name: value for name, value in DEMO_INTERVALS.items() if name not in settings.given
     }
     if "poll_interval" in intervals:  # never below a fast interval the user chose
         fast = intervals.get("fast_poll_interval", settings.fast_poll_interval)
@@ -60,10 +58,10 @@ async def demo_backend(settings: Settings) -> AsyncIterator[Settings]:
         **intervals,
         "run_id": tuple(dict.fromkeys((*settings.run_id, *simulator.run_ids))),
         "api_url": simulator.url,
-        "api_key": SecretStr(key),
+        "api_key": Secret(key),
     }
     try:
-        yield settings.model_copy(update=overrides)
+        yield settings.updated(**overrides)
     finally:
         await simulator.close()
 
@@ -265,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     secret = settings.api_key.get_secret_value() if settings.api_key else None
     # With --once the table owns stdout; logs go to stderr.
     # With --once only warnings and errors go above the table, unless a level was chosen.
-    quiet = settings.once and "log_level" not in settings.model_fields_set
+    quiet = settings.once and "log_level" not in settings.given
     configure_logging(
         settings.log_format,
         "warning" if quiet else settings.log_level,

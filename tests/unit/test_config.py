@@ -6,6 +6,7 @@ import os
 import threading
 import tomllib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -289,8 +290,7 @@ def test_example_file_documents_every_option_with_its_default() -> None:
             assert f"{option.name} = " in text, option.name
     from_file = load(["--config", str(example), "--run-id", "a1"])
     defaults = load(["--run-id", "a1"])
-    skip = {"config"}
-    assert from_file.model_dump(exclude=skip) == defaults.model_dump(exclude=skip)
+    assert replace(from_file, config=None) == defaults  # `given` is left out of equality
 
 
 # --- what an operator types: refused at start, one line, never the secret ----------------------
