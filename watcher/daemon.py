@@ -29,7 +29,6 @@ from watcher.recorder import Recorder
 from watcher.scheduler import Cadence, Scheduler
 from watcher.server import Server
 from watcher.sharding import Shard
-from watcher.state import StateStore
 from watcher.watchlist import WatchList
 
 
@@ -48,9 +47,12 @@ class Watcher:
         self.metrics = Metrics(
             registry, __version__, shard, discovery=settings.discover is not None
         )
-        store = (
-            StateStore(settings.state_file, registry) if settings.state_file is not None else None
-        )
+        store = None
+        if settings.state_file is not None:
+            # Imported here: sqlite3, and pydantic for the rows, only when a state file is used.
+            from watcher.state import StateStore  # noqa: PLC0415
+
+            store = StateStore(settings.state_file, registry)
         self.recorder = Recorder(self.metrics, store, clock=clock)
         self.tracker = self.recorder.tracker
         self.watchlist = WatchList(settings, shard)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from watcher import __version__
 from watcher.api import LoopsClient
@@ -21,8 +21,10 @@ from watcher.logs import get_logger
 from watcher.recorder import Recorder
 from watcher.scheduler import Cadence, Scheduler
 from watcher.server import Server
-from watcher.state import StateStore
 from watcher.watchlist import WatchList
+
+if TYPE_CHECKING:  # loaded only with --state-file (sqlite3, and pydantic for its rows)
+    from watcher.state import StateStore
 
 # When the state file is told which runs are still watched (and older rows are pruned): soon
 # after start, once discovery had its first lists, then hourly.

@@ -8,7 +8,7 @@ answer at all, which runs still wait for their first attempt) for the probes and
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from watcher.logs import LEVELS, get_logger
 from watcher.metrics import Metrics
@@ -23,8 +23,10 @@ from watcher.model import (
     status_class,
 )
 from watcher.scheduler import Cadence
-from watcher.state import StateStore
 from watcher.tracker import Changed, Event, Observed, Saved, Tracker, Undocumented
+
+if TYPE_CHECKING:  # loaded only with --state-file (sqlite3, and pydantic for its rows)
+    from watcher.state import StateStore
 
 KEY_REJECTED = frozenset({Result.UNAUTHORIZED, Result.FORBIDDEN})
 

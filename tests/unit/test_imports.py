@@ -41,6 +41,10 @@ IMPURE_LIBRARIES = frozenset(
 )
 # What only `--demo`, the tests and the benchmark may load.
 DEMO_ONLY = ("watcher.simulator", "jsonschema")
+# What only an option asks for: the state file (`--state-file`: SQLite, and pydantic to
+# validate its rows) and the simulator's request models (`--demo`). Each costs the idle
+# process megabytes (pydantic alone about 12 MB), so a start without them loads none of it.
+OPTIONAL = ("watcher.state", "sqlite3", "pydantic")
 
 
 def _module_name(path: Path) -> str:
@@ -141,7 +145,9 @@ def _top_level(name: str) -> list[ast.stmt]:
 
 
 @pytest.mark.process
-def test_normal_operation_loads_neither_the_simulator_nor_jsonschema(tmp_path: Path) -> None:
+def test_normal_operation_loads_neither_the_simulator_nor_what_options_ask_for(
+    tmp_path: Path,
+) -> None:
     """What `python -X importtime` shows for a start that does not ask for --demo."""
     env = {**os.environ, "BASETEN_API_KEY": FAKE_KEY}
     env.pop("PYTHONWARNINGS", None)
@@ -158,4 +164,4 @@ def test_normal_operation_loads_neither_the_simulator_nor_jsonschema(tmp_path: P
     imported = {line.rpartition("|")[2].strip() for line in done.stderr.splitlines()}
     assert "watcher.daemon" in imported
     assert "watcher.cli" in imported
-    assert not [name for name in imported if name.startswith(DEMO_ONLY)]
+    assert not [name for name in imported if name.startswith(DEMO_ONLY + OPTIONAL)]
