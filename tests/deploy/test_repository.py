@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
+from support import FAKE_KEY
 
 import watcher
 from watcher.config import load_settings
@@ -68,7 +69,7 @@ def test_the_package_reports_the_version_of_pyproject(capsys: pytest.CaptureFixt
     assert capsys.readouterr().out.strip() == f"loops-watcher {VERSION}"
     registry = CollectorRegistry()
     settings = load_settings(
-        ["--run-id", "k4q95w5"], {"BASETEN_API_KEY": "fake"}, stdout_is_tty=False
+        ["--run-id", "k4q95w5"], {"BASETEN_API_KEY": FAKE_KEY}, stdout_is_tty=False
     )
     Watcher(settings, registry=registry)
     assert registry.get_sample_value("loops_watcher_build_info", {"version": VERSION}) == 1

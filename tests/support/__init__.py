@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -29,8 +32,10 @@ class FakeClock:
         return self.now
 
 
-def wait_until(condition: Callable[[], T | None], *, timeout: float, what: str) -> T:
-    """Call `condition` every 50 ms until it returns something truthy; return that."""
+def wait_until(
+    condition: Callable[[], T | None], *, timeout: float, what: str, every: float = POLL_EVERY
+) -> T:
+    """Call `condition` every `every` seconds until it returns something truthy; return that."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -38,7 +43,7 @@ def wait_until(condition: Callable[[], T | None], *, timeout: float, what: str) 
             return value
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(POLL_EVERY)
+        time.sleep(every)
 
 
 async def until(condition: Callable[[], object], within: float = 5.0) -> None:
@@ -60,17 +65,21 @@ class Exposition:
     """One parsed scrape of `/metrics` (or of `Metrics.render`)."""
 
     samples: tuple[Sample, ...]
+    types: Mapping[str, str]  # each family's type (counter, gauge, ...) by its name
 
     @classmethod
-    def parse(cls, text: str | bytes) -> Exposition:
+    def parse(cls, text: str | bytes, *, openmetrics: bool = False) -> Exposition:
+        """Text exposition, or OpenMetrics with its strict parser, which refuses any slip."""
         if isinstance(text, bytes):
             text = text.decode()
+        families = list(
+            openmetrics_families(text)  # type: ignore[no-untyped-call]
+            if openmetrics
+            else text_string_to_metric_families(text)
+        )
         return cls(
-            tuple(
-                sample
-                for family in text_string_to_metric_families(text)
-                for sample in family.samples
-            )
+            tuple(sample for family in families for sample in family.samples),
+            {family.name: family.type for family in families},
         )
 
     def find(self, name: str, **labels: str) -> list[Sample]:

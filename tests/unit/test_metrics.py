@@ -8,9 +8,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
-from prometheus_client.parser import text_string_to_metric_families as parse_text
 from prometheus_client.samples import Sample
+from support import Exposition
 from support.factories import make_run
 
 from watcher.metrics import Metrics
@@ -22,25 +21,11 @@ OPENMETRICS_ACCEPT = "application/openmetrics-text; version=1.0.0"
 
 
 def canonical(found: list[Sample]) -> list[tuple[str, list[tuple[str, str]], float]]:
-    return sorted(
-        (s.name, sorted(s.labels.items()), s.value)
-        for s in found
-        if not s.name.endswith("_created")
-    )
+    return sorted((s.name, sorted(s.labels.items()), s.value) for s in found)
 
 
-def samples(text: str, openmetrics: bool = False) -> dict[str, list[Sample]]:
-    families = parse_om(text) if openmetrics else parse_text(text)  # type: ignore[no-untyped-call]
-    out: dict[str, list[Sample]] = {}
-    for family in families:
-        out.setdefault(family.name, []).extend(family.samples)
-    return out
-
-
-def value(found: dict[str, list[Sample]], family: str, **labels: str) -> float:
-    matches = [s.value for s in found.get(family, []) if labels.items() <= s.labels.items()]
-    assert len(matches) == 1, (family, labels, matches)
-    return matches[0]
+def scrape(metrics: Metrics) -> Exposition:
+    return Exposition.parse(metrics.render("")[0])
 
 
 @pytest.fixture
@@ -67,12 +52,12 @@ def test_state_set_and_identity(world: tuple[Tracker, Metrics]) -> None:
     observe(tracker, metrics, "WAKING_UP", 130.0)
     body, content_type = metrics.render("")
     assert content_type.startswith("text/plain")
-    found = samples(body.decode())
-    states = [s for s in found["baseten_loops_sampler_status"] if s.labels["run_id"] == "k4q95w5"]
+    found = Exposition.parse(body)
+    states = found.find("baseten_loops_sampler_status", run_id="k4q95w5")
     assert sorted(s.labels["status"] for s in states) == sorted(SAMPLER_STATUSES)
     assert {s.labels["status"]: s.value for s in states if s.value == 1} == {"WAKING_UP": 1}
-    assert value(found, "baseten_loops_run_info", run_id="k4q95w5") == 1
-    info = found["baseten_loops_run_info"][0].labels
+    assert found.value("baseten_loops_run_info", run_id="k4q95w5") == 1
+    info = found.find("baseten_loops_run_info")[0].labels
     assert info == {
         "run_id": "k4q95w5",
         "run_name": "sft",
@@ -83,80 +68,77 @@ def test_state_set_and_identity(world: tuple[Tracker, Metrics]) -> None:
         "deployment_id": "d1",
         "owner": "",
     }
-    assert value(found, "baseten_loops_run_created_timestamp_seconds", run_id="k4q95w5") == 1.7e9
+    assert found.value("baseten_loops_run_created_timestamp_seconds", run_id="k4q95w5") == 1.7e9
     assert (
-        value(found, "baseten_loops_sampler_status_since_timestamp_seconds", run_id="k4q95w5")
+        found.value("baseten_loops_sampler_status_since_timestamp_seconds", run_id="k4q95w5")
         == 130.0
     )
     assert (
-        value(
-            found,
-            "baseten_loops_sampler_status_transitions",
+        found.value(
+            "baseten_loops_sampler_status_transitions_total",
             from_status="SCALED_TO_ZERO",
             to_status="WAKING_UP",
         )
         == 1
     )
-    assert value(found, "loops_watcher_poll_success", run_id="k4q95w5") == 1
-    assert value(found, "loops_watcher_last_success_timestamp_seconds", run_id="k4q95w5") == 130
-    assert value(found, "loops_watcher_polls", run_id="k4q95w5", result="ok") == 2
-    assert value(found, "loops_watcher_build_info", version="1.2.3") == 1
-    (shard_info,) = found["loops_watcher_shard_info"]
+    assert found.value("loops_watcher_poll_success", run_id="k4q95w5") == 1
+    assert found.value("loops_watcher_last_success_timestamp_seconds", run_id="k4q95w5") == 130
+    assert found.value("loops_watcher_polls_total", run_id="k4q95w5", result="ok") == 2
+    assert found.value("loops_watcher_build_info", version="1.2.3") == 1
+    (shard_info,) = found.find("loops_watcher_shard_info")
     assert (shard_info.labels, shard_info.value) == ({"shard": "1", "total_shards": "3"}, 1)
-    assert value(found, "loops_watcher_watched_runs") == 2
+    assert found.value("loops_watcher_watched_runs") == 2
     # The run never polled yet exports nothing per run.
-    assert not any(s.labels.get("run_id") == "7wq2m3x" for f in found.values() for s in f)
+    assert "7wq2m3x" not in found.run_ids()
 
 
 def test_owner_is_the_runs_user_email(world: tuple[Tracker, Metrics]) -> None:
     tracker, metrics = world
     observe(tracker, metrics, "ACTIVE", 1.0, user_email="ada@example.com")
-    found = samples(metrics.render("")[0].decode())
-    assert value(found, "baseten_loops_run_info", owner="ada@example.com") == 1
+    assert scrape(metrics).value("baseten_loops_run_info", owner="ada@example.com") == 1
 
 
 def test_watcher_and_process_series_exist_before_any_poll() -> None:
-    found = samples(Metrics(CollectorRegistry(), "1.2.3", Shard(0, 1)).render("")[0].decode())
-    assert value(found, "loops_watcher_api_key_rejected") == 0
-    assert value(found, "loops_watcher_watched_runs") == 0
+    found = scrape(Metrics(CollectorRegistry(), "1.2.3", Shard(0, 1)))
+    assert found.value("loops_watcher_api_key_rejected") == 0
+    assert found.value("loops_watcher_watched_runs") == 0
     retries = {
         sample.labels["reason"]: sample.value
-        for sample in found["loops_watcher_retries"]
-        if sample.name == "loops_watcher_retries_total"
+        for sample in found.find("loops_watcher_retries_total")
     }
     assert retries == {"rate_limited": 0, "server_error": 0, "timeout": 0, "connection_error": 0}
-    assert value(found, "process_resident_memory_bytes") > 0
-    assert value(found, "process_start_time_seconds") > 0
-    assert found["python_info"][0].labels["implementation"]
-    assert found["python_gc_collections"]
+    for name in ("process_resident_memory_bytes", "process_start_time_seconds"):
+        assert (found.value(name) or 0) > 0, name
+    assert found.find("python_info")[0].labels["implementation"]
+    assert found.find("python_gc_collections_total")
 
 
 def test_run_status_state_set_when_reported(world: tuple[Tracker, Metrics]) -> None:
     tracker, metrics = world
     observe(tracker, metrics, "ACTIVE", 1.0, status="INACTIVE")
-    found = samples(metrics.render("")[0].decode())
-    assert value(found, "baseten_loops_run_status", status="INACTIVE") == 1
-    assert value(found, "baseten_loops_run_status", status="ACTIVE") == 0
+    found = scrape(metrics)
+    assert found.value("baseten_loops_run_status", status="INACTIVE") == 1
+    assert found.value("baseten_loops_run_status", status="ACTIVE") == 0
 
 
 def test_failed_poll_keeps_status_and_zeroes_success(world: tuple[Tracker, Metrics]) -> None:
     tracker, metrics = world
     observe(tracker, metrics, "ACTIVE", 1.0)
     metrics.update_polls(tracker.record_poll("k4q95w5", Result.TIMEOUT, 99.0))
-    found = samples(metrics.render("")[0].decode())
-    assert value(found, "baseten_loops_sampler_status", status="ACTIVE") == 1
-    assert value(found, "loops_watcher_poll_success", run_id="k4q95w5") == 0
-    assert value(found, "loops_watcher_polls", result="timeout") == 1
-    assert value(found, "loops_watcher_last_success_timestamp_seconds", run_id="k4q95w5") == 1
+    found = scrape(metrics)
+    assert found.value("baseten_loops_sampler_status", status="ACTIVE") == 1
+    assert found.value("loops_watcher_poll_success", run_id="k4q95w5") == 0
+    assert found.value("loops_watcher_polls_total", result="timeout") == 1
+    assert found.value("loops_watcher_last_success_timestamp_seconds", run_id="k4q95w5") == 1
 
 
 def test_undocumented_status_gets_its_own_series(world: tuple[Tracker, Metrics]) -> None:
     tracker, metrics = world
     observe(tracker, metrics, "HIBERNATING", 1.0)
-    found = samples(metrics.render("")[0].decode())
-    states = found["baseten_loops_sampler_status"]
+    found = scrape(metrics)
+    states = found.find("baseten_loops_sampler_status")
     assert len(states) == 15
-    assert value(found, "baseten_loops_sampler_status", status="HIBERNATING") == 1
+    assert found.value("baseten_loops_sampler_status", status="HIBERNATING") == 1
     assert sum(s.value for s in states) == 1
 
 
@@ -165,10 +147,10 @@ def test_trainer_only_run_has_identity_but_no_sampler_series(
 ) -> None:
     tracker, metrics = world
     observe(tracker, metrics, None, 1.0)
-    found = samples(metrics.render("")[0].decode())
-    assert "baseten_loops_sampler_status" not in found or not found["baseten_loops_sampler_status"]
-    assert value(found, "baseten_loops_run_info", run_id="k4q95w5", sampler_id="") == 1
-    assert not found.get("baseten_loops_sampler_status_since_timestamp_seconds")
+    found = scrape(metrics)
+    assert not found.find("baseten_loops_sampler_status")
+    assert found.value("baseten_loops_run_info", run_id="k4q95w5", sampler_id="") == 1
+    assert not found.find("baseten_loops_sampler_status_since_timestamp_seconds")
 
 
 def test_forgotten_run_loses_every_series(world: tuple[Tracker, Metrics]) -> None:
@@ -179,7 +161,7 @@ def test_forgotten_run_loses_every_series(world: tuple[Tracker, Metrics]) -> Non
     tracker.unwatch("k4q95w5")
     text = metrics.render("")[0].decode()
     assert "k4q95w5" not in text
-    assert value(samples(text), "loops_watcher_watched_runs") == 1
+    assert Exposition.parse(text).value("loops_watcher_watched_runs") == 1
 
 
 def test_late_update_of_forgotten_run_is_dropped(world: tuple[Tracker, Metrics]) -> None:
@@ -193,8 +175,7 @@ def test_label_values_are_escaped(world: tuple[Tracker, Metrics]) -> None:
     tracker, metrics = world
     tricky = 'he said "hi"\\ then\nleft'
     observe(tracker, metrics, "ACTIVE", 1.0, name=tricky)
-    found = samples(metrics.render("")[0].decode())
-    assert found["baseten_loops_run_info"][0].labels["run_name"] == tricky
+    assert scrape(metrics).find("baseten_loops_run_info")[0].labels["run_name"] == tricky
 
 
 def test_openmetrics_on_request(world: tuple[Tracker, Metrics]) -> None:
@@ -207,9 +188,9 @@ def test_openmetrics_on_request(world: tuple[Tracker, Metrics]) -> None:
     text = body.decode()
     assert text.endswith("# EOF\n")
     assert text.count("# EOF") == 1
-    found = samples(text, openmetrics=True)  # the strict parser rejects any format slip
-    assert value(found, "baseten_loops_sampler_status_transitions", to_status="UNHEALTHY") == 1
-    assert value(found, "loops_watcher_polls", result="ok") == 2
+    found = Exposition.parse(text, openmetrics=True)
+    assert found.value("baseten_loops_sampler_status_transitions_total", to_status="UNHEALTHY") == 1
+    assert found.value("loops_watcher_polls_total", result="ok") == 2
 
 
 class Reference:
@@ -243,10 +224,14 @@ def test_cached_blocks_match_prometheus_client_formatting(world: tuple[Tracker, 
         observe(tracker, metrics, status, float(at))
         observe(tracker, metrics, "BUILDING" if at < 2 else "DEPLOYING", float(at), id="7wq2m3x")
     metrics.update_polls(tracker.record_poll("7wq2m3x", Result.SERVER_ERROR, 99.0))
-    ours = samples(metrics.render("")[0].decode())
+    ours = scrape(metrics)
     registry = CollectorRegistry()
     registry.register(Reference(tracker))
-    reference = samples(generate_latest(registry).decode())
-    for family in ("baseten_loops_sampler_status", "baseten_loops_sampler_status_transitions"):
-        assert canonical(ours[family]) == canonical(reference[family])
-    assert canonical(ours["loops_watcher_polls"]) == canonical(reference["loops_watcher_polls"])
+    reference = Exposition.parse(generate_latest(registry))
+    for name in (
+        "baseten_loops_sampler_status",
+        "baseten_loops_sampler_status_transitions_total",
+        "loops_watcher_polls_total",
+    ):
+        assert ours.find(name), name
+        assert canonical(ours.find(name)) == canonical(reference.find(name))

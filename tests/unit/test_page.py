@@ -13,6 +13,7 @@ from urllib.parse import parse_qs
 
 import jsonschema
 import pytest
+from support import factories
 from support.factories import make_run
 
 from watcher.model import Result, Run, parse_run
@@ -428,14 +429,7 @@ def test_the_list_is_gzipped_for_a_browser_that_accepts_it() -> None:
 def test_a_time_past_year_9999_in_utc_shows_as_unknown_not_an_error() -> None:
     tracker = Tracker()
     run = parse_run(
-        {
-            "id": "far0001",
-            "session_id": "s1",
-            "base_model": "Qwen/Qwen3-8B",
-            "base_url": "https://example.invalid",
-            "created_at": "9999-12-31T23:59:59-05:00",
-            "sampler": None,
-        }
+        factories.run_json("far0001", created_at="9999-12-31T23:59:59-05:00", sampler=None)
     )
     read(tracker, run, NOW)
     api = Page(lambda: tracker.runs, list, lambda: NOW, version="1")

@@ -21,7 +21,7 @@ import pytest
 from pydantic import ValidationError
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
-from support import FAKE_KEY, FakeClock
+from support import FAKE_KEY, FakeClock, wait_until
 
 from watcher.model import SAMPLER_STATUSES, InvalidRun, ListDecoder, parse_run_response
 from watcher.simulator import Fault, Simulator, SimulatorThread
@@ -385,10 +385,11 @@ def test_delay_fault_holds_only_its_own_connection(
     thread = threading.Thread(target=slow_request)
     thread.start()
     with httpx.Client(base_url=served.url, headers=AUTH) as other:
-        deadline = time.monotonic() + 5
-        while served.sim.request_counts().get(f"/v1/loops/runs/{OWN_RUN}") != 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        wait_until(
+            lambda: served.sim.request_counts().get(f"/v1/loops/runs/{OWN_RUN}") == 1,
+            timeout=5,
+            what="the slow request to arrive",
+        )
         started = time.monotonic()
         assert _run(other, OTHER_OWNER_RUN)["id"] == OTHER_OWNER_RUN
         assert time.monotonic() - started < 0.3
