@@ -596,9 +596,16 @@ def test_bad_control_requests_get_400(
 def test_control_routes_and_methods(served: SimulatorThread) -> None:
     with httpx.Client(base_url=served.url) as control:
         assert control.get("/_sim/nothing").status_code == 404
-        assert control.get(f"/_sim/runs/{OWN_RUN}").status_code == 405
-        assert control.post("/_sim/state").status_code == 405
-        assert control.get("/_sim/faults").status_code == 405
+        assert control.get("/_sim/runs/a/b").status_code == 404
+        for method, path, allowed in [
+            ("GET", f"/_sim/runs/{OWN_RUN}", "PUT, DELETE"),
+            ("POST", "/_sim/state", "GET"),
+            ("DELETE", "/_sim/requests", "GET"),
+            ("GET", "/_sim/faults", "POST, DELETE"),
+        ]:
+            refused = control.request(method, path)
+            assert refused.status_code == 405, (method, path)
+            assert refused.headers["allow"] == allowed
 
 
 # --- HTTP robustness ---------------------------------------------------------------------------

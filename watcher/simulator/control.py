@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -35,47 +36,30 @@ class Controlled(Protocol):
     def run_summary(self, run_id: str) -> dict[str, Any]: ...
 
 
-def _invalid(exc: ValidationError) -> str:
-    return "; ".join(
+def _invalid(what: str, exc: ValidationError) -> Reply:
+    """400 naming each field pydantic refused and why."""
+    reasons = "; ".join(
         f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
         for error in exc.errors(include_url=False)
     )
+    return error(400, f"invalid {what}: {reasons}")
 
 
-def reply(sim: Controlled, request: Request, loopback: bool) -> Reply:
-    """The answer to a request under PREFIX."""
-    if not loopback:
-        return error(403, "the control interface only answers loopback clients")
-    path, method = request.path, request.method
-    if path in ("/_sim/state", "/_sim/requests"):
-        if method != "GET":
-            return not_allowed("GET")
-        if path == "/_sim/state":
-            return Reply(200, json_body(sim.state()))
-        return Reply(200, json_body({"requests": sim.request_counts()}))
-    if path == "/_sim/faults":
-        if method == "DELETE":
-            sim.clear_faults()
-            return Reply(200, json_body({"faults": []}))
-        if method != "POST":
-            return not_allowed("POST", "DELETE")
-        try:
-            fault = FAULT_JSON.validate_json(request.body)
-        except ValidationError as exc:
-            return error(400, f"invalid fault: {_invalid(exc)}")
-        sim.add_fault(fault)
-        return Reply(201, json_body({"fault": dataclasses.asdict(fault)}))
-    run_id = segment_after("/_sim/runs/", path)
-    if run_id is None:
-        return error(404, "not found")
-    if method == "DELETE":
-        try:
-            sim.remove_run(run_id)
-        except KeyError:
-            return error(404, "run not found")
-        return Reply(200, json_body({"removed": run_id}))
-    if method != "PUT":
-        return not_allowed("PUT", "DELETE")
+def _add_fault(sim: Controlled, request: Request, _: str) -> Reply:
+    try:
+        fault = FAULT_JSON.validate_json(request.body)
+    except ValidationError as exc:
+        return _invalid("fault", exc)
+    sim.add_fault(fault)
+    return Reply(201, json_body({"fault": dataclasses.asdict(fault)}))
+
+
+def _clear_faults(sim: Controlled, _: Request, __: str) -> Reply:
+    sim.clear_faults()
+    return Reply(200, json_body({"faults": []}))
+
+
+def _set_run(sim: Controlled, request: Request, run_id: str) -> Reply:
     try:
         fields = json.loads(request.body)
     except ValueError as exc:
@@ -85,7 +69,41 @@ def reply(sim: Controlled, request: Request, loopback: bool) -> Reply:
     try:
         sim.set_run(run_id, **fields)
     except ValidationError as exc:
-        return error(400, f"invalid run fields: {_invalid(exc)}")
+        return _invalid("run fields", exc)
     except ValueError as exc:
         return error(400, str(exc))
     return Reply(200, json_body({"run": sim.run_summary(run_id)}))
+
+
+def _remove_run(sim: Controlled, _: Request, run_id: str) -> Reply:
+    try:
+        sim.remove_run(run_id)
+    except KeyError:
+        return error(404, "run not found")
+    return Reply(200, json_body({"removed": run_id}))
+
+
+# A handler gets the simulator, the request and the run ID its path names ("" if none).
+Handler = Callable[[Controlled, Request, str], Reply]
+_ROUTES: dict[str, dict[str, Handler]] = {
+    "/_sim/state": {"GET": lambda sim, _, __: Reply(200, json_body(sim.state()))},
+    "/_sim/requests": {
+        "GET": lambda sim, _, __: Reply(200, json_body({"requests": sim.request_counts()}))
+    },
+    "/_sim/faults": {"POST": _add_fault, "DELETE": _clear_faults},
+}
+_RUN_ROUTE: dict[str, Handler] = {"PUT": _set_run, "DELETE": _remove_run}
+
+
+def reply(sim: Controlled, request: Request, loopback: bool) -> Reply:
+    """The answer to a request under PREFIX."""
+    if not loopback:
+        return error(403, "the control interface only answers loopback clients")
+    run_id = segment_after("/_sim/runs/", request.path)
+    methods = _ROUTES.get(request.path) if run_id is None else _RUN_ROUTE
+    if methods is None:
+        return error(404, "not found")
+    handler = methods.get(request.method)
+    if handler is None:
+        return not_allowed(*methods)
+    return handler(sim, request, run_id or "")
