@@ -16,7 +16,7 @@ from watcher.config import Settings, check_run_id
 from watcher.logs import get_logger
 from watcher.model import Failed, InvalidRun, Outcome, Result, Run, RunList, clean_text
 from watcher.recorder import KEY_REJECTED, Recorder
-from watcher.scheduler import Scheduler
+from watcher.scheduler import Scheduler, loop_time
 from watcher.watchlist import WatchList
 
 # From this many watched runs on, statuses come from one list request per interval.
@@ -85,9 +85,13 @@ class ListLoop:
 
     async def run(self) -> None:
         while True:
+            started = loop_time()
             if self.active():
                 await self.round()
-            await asyncio.sleep(self.settings.poll_interval * random.uniform(0.95, 1.05))
+            # Intervals count from each list's start, so however long a list takes there is
+            # one per interval; an interval a slow list overran is skipped, not made up for.
+            period = self.settings.poll_interval * random.uniform(0.95, 1.05)
+            await asyncio.sleep(period - (loop_time() - started) % period)
 
     async def round(self) -> None:
         """One list request: discover runs and record the status of every listed watched run."""

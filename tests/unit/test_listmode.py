@@ -191,6 +191,20 @@ async def test_an_unchanged_list_holds_no_second_copy_of_its_runs(
     ]
 
 
+async def test_a_slow_list_still_comes_once_per_interval(
+    simulator: Simulator, start: Callable[..., Harness]
+) -> None:
+    simulator.set_run("slow001", status="ACTIVE")
+    simulator.add_fault(Fault(kind="delay", delay=0.5, endpoint="list"))
+    harness = start("--discover", "org", "--poll-interval", "1")
+    await until(lambda: harness.watcher.probes.readiness()[0])
+    lists_before = harness.lists()
+    await asyncio.sleep(10.0)
+    # Counted from each list's start, 9 to 11 intervals of 0.95-1.05 s fit in 10 s; counted
+    # from each answer, as many of 1.45-1.55 s make at most 7.
+    assert 9 <= harness.lists() - lists_before <= 11
+
+
 async def test_runs_the_list_lacks_and_keys_it_rejects_fall_back_to_gets(
     simulator: Simulator, start: Callable[..., Harness]
 ) -> None:
