@@ -9,8 +9,9 @@ Deadlines: `request_timeout` bounds a whole attempt, body included, with `asynci
 (httpx's own read timeout is per chunk, so a trickling body would never hit it). httpcore
 leaks pool slots when a request is cancelled while it waits for a connection
 (encode/httpcore#1093), so attempts pass through a semaphore as wide as the pool: a request
-never waits inside the pool, and a deadline can only land in connect, send or receive,
-where httpcore cleans up after itself.
+never waits inside the pool. A deadline that lands between connect and send still leaves its
+connection in the pool for good (encode/httpcore#1099), so a transport whose request failed
+before its response is closed and dropped, never lent again.
 
 Connections: one long-lived `httpx.AsyncClient` carries every request, but its transport is
 a stack of httpx transports with one connection each. httpcore 1.0's pool rescans every
@@ -255,7 +256,11 @@ class ConnectionStack(httpx.AsyncBaseTransport):
         try:
             response = await transport.handle_async_request(request)
         except BaseException:
-            self._idle.append(transport)
+            # Its one connection is lost either way, and a deadline that lands between connect
+            # and send leaves it in the pool for good, neither usable nor closed, so every later
+            # request lent this transport would wait for it (encode/httpcore#1099).
+            self._transports.remove(transport)
+            await transport.aclose()
             raise
         assert isinstance(response.stream, httpx.AsyncByteStream)
         return httpx.Response(

@@ -14,6 +14,7 @@ from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
+import httpcore
 import httpx
 import pytest
 from support import FAKE_KEY
@@ -489,6 +490,34 @@ async def test_hundreds_of_deadline_hits_leave_the_pool_healthy() -> None:
     assert results.count(Result.TIMEOUT) == 320
     assert [outcome.result for outcome in healthy] == [Result.OK] * 40
     assert 1 <= len(stack) <= 4  # one connection per request in flight, never more
+
+
+async def test_a_deadline_between_connect_and_send_costs_no_slot_for_good(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # httpcore keeps a connection whose request was cancelled after it connected and before it
+    # was sent in its pool for good (encode/httpcore#1099). A busy machine lands deadlines there
+    # now and then; this makes the first one land there.
+    send = httpcore.AsyncHTTP11Connection.handle_async_request
+    parked: list[object] = []
+
+    async def park_the_first(self: httpcore.AsyncHTTP11Connection, request: Any) -> Any:
+        if not parked:
+            parked.append(self)
+            await asyncio.sleep(3600)
+        return await send(self, request)
+
+    monkeypatch.setattr(httpcore.AsyncHTTP11Connection, "handle_async_request", park_the_first)
+    async with MisbehavingServer() as server:
+        stack = ConnectionStack()
+        client = real_client(server.url, request_timeout=0.5, max_concurrency=1, transport=stack)
+        first = await client.get_run("p1")
+        later = [await client.get_run(f"p{i}") for i in range(2, 5)]
+        await client.aclose()
+    assert first.result is Result.TIMEOUT
+    assert parked
+    assert [outcome.result for outcome in later] == [Result.OK] * 3
+    assert len(stack) == 1
 
 
 async def test_connections_are_kept_alive_and_opened_only_as_concurrency_needs() -> None:
