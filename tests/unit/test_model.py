@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -140,6 +141,30 @@ def test_a_list_keeps_of_each_entry_what_keep_returns() -> None:
         assert result.runs[1].sampler is not None
         assert result.runs[1].sampler.status == "FAILED"
         assert len(result.invalid) == 1  # a bad entry is never the keeper's to drop
+
+
+def test_a_list_of_unchanged_runs_costs_no_second_copy_of_them() -> None:
+    """The list's peak beyond the runs already held, counted in bytes, not timed: about 1 kB an
+    entry when every entry was kept as a fresh copy, a reference each now."""
+    entries = 2_000
+    body = list_body(*(run_json(f"r{i:05d}", name=f"run {i}") for i in range(entries)))
+    held = {run.id: run for run in decode(body, 65_536).runs}
+
+    def keep(run: Run) -> Run | None:
+        return held[run.id] if held[run.id] == run else run
+
+    tracemalloc.start()
+    try:
+        decoder = ListDecoder(keep)
+        for start in range(0, len(body), 65_536):
+            decoder.feed(body[start : start + 65_536])
+        result = decoder.finish()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert all(run is held[run.id] for run in result.runs)
+    # A 64 KiB chunk of text, the entry being parsed and a pointer per kept run.
+    assert peak < 3 * 65_536 + 100 * entries, peak
 
 
 def test_values_many_runs_share_are_held_once() -> None:
