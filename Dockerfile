@@ -7,9 +7,12 @@
 
 FROM python:3.11.14-slim-bookworm AS build
 
+# uv trusts the system's certificate store, as pip does: a build behind a proxy with its own
+# certificate authority then needs only that authority in the base image.
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     UV_NO_CACHE=1 \
+    UV_SYSTEM_CERTS=1 \
     UV_PYTHON_DOWNLOADS=never \
     UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
