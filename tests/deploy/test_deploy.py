@@ -3,7 +3,8 @@
 Each file is run through the validator made for it (hadolint, promtool, amtool,
 kubernetes-validate) and cross-checked against the others and against the contract: the metric
 and label names every query uses, the UID, the port, the endpoints, the runbook anchors. Building
-the image is too slow for this suite; it is verified by hand with buildah (see the Dockerfile).
+the image needs a container engine, which CI lacks; the wheel it installs is built and opened
+here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from support import Exposition
 
 from watcher.config import load_settings
 from watcher.model import SAMPLER_STATUSES
+from watcher.page import STATIC_TYPES
 from watcher.scheduler import JITTER, MAX_BACKOFF
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -212,6 +215,15 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return instructions
 
 
+def build_context_sources() -> set[str]:
+    """What the Dockerfile copies from the build context (not from another stage)."""
+    copied = set()
+    for keyword, args in dockerfile_instructions():
+        if keyword == "COPY" and not args.startswith("--from="):
+            copied |= {source.rstrip("/") for source in args.split()[:-1]}
+    return copied
+
+
 def image_user() -> tuple[int, int]:
     users = [args for keyword, args in dockerfile_instructions() if keyword == "USER"]
     assert users, "the image must not run as root"
@@ -288,13 +300,48 @@ def test_dockerignore_admits_exactly_what_the_dockerfile_copies() -> None:
     ]
     assert patterns[0] == "*", "start from nothing, then admit what the build needs"
     admitted = {pattern[1:].rstrip("/*") for pattern in patterns if pattern.startswith("!")}
-    copied = set()
-    for keyword, args in dockerfile_instructions():
-        if keyword == "COPY" and not args.startswith("--from="):
-            copied |= {source.rstrip("/") for source in args.split()[:-1]}
+    copied = build_context_sources()
     assert copied
     assert copied <= admitted, f"COPY sources left out by .dockerignore: {copied - admitted}"
     assert not admitted & {".venv", ".git", "deploy", "tests", ".env"}
+
+
+@pytest.mark.process  # uv builds a wheel
+def test_the_image_build_context_makes_a_wheel_of_every_package_file_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    # The image installs the wheel `uv sync --no-editable` builds from what the Dockerfile copies,
+    # while every other environment imports the source tree: data files such as the status
+    # page's static assets reach the image only when pyproject.toml's package-data names them.
+    context = tmp_path / "context"
+    for source in build_context_sources():
+        if (ROOT / source).is_dir():
+            ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+            shutil.copytree(ROOT / source, context / source, ignore=ignore)
+        else:
+            (context / source).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / source, context / source)
+    pinned = ROOT / ".tools" / "bin" / "uv"  # the Makefile's and the image's uv
+    uv = str(pinned) if pinned.exists() else tool("uv", "`make dev` installs it in .tools/")
+    dist = tmp_path / "dist"
+    result = run(uv, "build", "--wheel", "--python", sys.executable, "--out-dir", dist, context)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = dist.glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
+        scripts = archive.read(entry_points).decode()
+    package = ROOT / "watcher"
+    expected = {
+        path.relative_to(ROOT).as_posix()
+        for path in package.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    assert {f"watcher/static/{name}" for name in STATIC_TYPES} <= expected
+    packaged = {name for name in names if ".dist-info/" not in name}
+    assert (expected - packaged, packaged - expected) == (set(), set()), "(missing, extra)"
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
+    assert "loops-watcher = watcher.cli:main" in scripts
 
 
 # --- compose stack ---------------------------------------------------------------------------
