@@ -10,7 +10,7 @@ UV         := .tools/bin/uv
 export UV_PYTHON := $(PYTHON)
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: demo runtime dev check test lint typecheck bench lock clean runbook-url
+.PHONY: demo runtime dev check test lint typecheck bench lock image clean runbook-url
 
 $(UV):
 	$(PYTHON) -m venv .tools
@@ -49,6 +49,14 @@ test: lint typecheck
 
 bench: dev
 	$(BIN)/python benchmarks/benchmark.py
+
+# The container image, tagged as deploy/kubernetes names it (the kustomization's `images:`).
+# Never part of `make test`: it needs a container engine (CONTAINER=podman or buildah work too).
+CONTAINER ?= docker
+VERSION   := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+
+image:
+	$(CONTAINER) build -t loops-watcher:$(VERSION) .
 
 # Where every alert's runbook_url points: your copy of deploy/RUNBOOK.md. Change it here, then
 # `make runbook-url` rewrites the alert rules, their tests and the PrometheusRule to match.

@@ -3,8 +3,8 @@
 Each file is run through the validator made for it (hadolint, promtool, amtool,
 kubernetes-validate) and cross-checked against the others and against the contract: the metric
 and label names every query uses, the UID, the port, the endpoints, the runbook anchors. Building
-the image needs a container engine, which CI lacks; the wheel it installs is built and opened
-here.
+the image needs a container engine, which CI lacks (`make image` builds it); the wheel it
+installs is built and opened here.
 """
 
 from __future__ import annotations
@@ -342,6 +342,16 @@ def test_the_image_build_context_makes_a_wheel_of_every_package_file_and_nothing
     assert (expected - packaged, packaged - expected) == (set(), set()), "(missing, extra)"
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
     assert "loops-watcher = watcher.cli:main" in scripts
+
+
+@pytest.mark.process  # make prints its commands
+def test_make_image_tags_the_image_as_kubernetes_names_it_and_make_test_builds_none() -> None:
+    make = tool("make", "apt-get install make")
+    (image,) = load_yaml(KUBERNETES / "base" / "kustomization.yaml")["images"]
+    result = run(make, "--no-print-directory", "--dry-run", "image", "CONTAINER=docker")
+    assert result.stdout == f"docker build -t {image['newName']}:{image['newTag']} .\n"
+    for target in ("test", "check"):
+        assert "build -t" not in run(make, "--dry-run", "--always-make", target).stdout
 
 
 # --- compose stack ---------------------------------------------------------------------------
