@@ -104,3 +104,18 @@ def test_the_project_is_licensed_apache_2() -> None:
     text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in text
     assert "Version 2.0, January 2004" in text
+
+
+def test_the_readme_layout_names_every_module() -> None:
+    """The README's layout paragraph gives each module of `watcher/` (and of the simulator)
+    its own line or clause, so the file list and its description cannot drift apart."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("The code is laid out one module per concern")
+    layout = readme[start : readme.index("\n\n", readme.index("\n- ", start))]
+    modules = {
+        path.stem if path.stem != "__init__" else path.parent.name
+        for folder in ("watcher", "watcher/simulator")
+        for path in (ROOT / folder).glob("*.py")
+    } - {"__init__", "watcher"}
+    assert "simulator" in modules
+    assert [name for name in sorted(modules) if f"`{name}" not in layout] == []
