@@ -264,7 +264,10 @@ def test_each_transition_is_counted_and_logged_once_and_a_watched_wake_up_is_tim
 TARGETS = tuple(f"fault-{n}" for n in range(6))
 BYSTANDER = "bystander"  # never faulted: must keep polling fine through every fault
 SHARED_RUNS = dict.fromkeys((*TARGETS, BYSTANDER), "ACTIVE")
-DEADLINE = 0.5  # --request-timeout of the shared watcher
+# --request-timeout of the shared watcher: long enough that a busy machine does not time out a
+# healthy poll (which would count as a result the fault did not cause), and twice it is one of
+# the request duration histogram's bounds.
+DEADLINE = 1.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +279,7 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rig() -> Iterator[Rig]:
-    """A watcher polling every 0.5 s with a 0.5 s deadline and one retry, and its simulator."""
+    """A watcher polling every 0.5 s with a DEADLINE and one retry, and its simulator."""
     with (
         SimulatorThread(scenario(SHARED_RUNS), [FAKE_KEY]) as served,
         WatcherProcess(
@@ -635,7 +638,8 @@ def test_a_rejected_key_is_reported_once_without_a_request_storm(
     for run_id in runs:
         assert metrics.value("loops_watcher_poll_success", run_id=run_id) == 0
         assert metrics.total("loops_watcher_polls_total", run_id=run_id, result="unauthorized") >= 2
-    assert metrics.total("loops_watcher_retries_total") == 0  # 401 is not retried
+    # 401 is not retried (a busy machine may still time out and retry some other request).
+    assert metrics.total("loops_watcher_retries_total", reason="unauthorized") == 0
     assert metrics.value("loops_watcher_api_key_rejected") == 1
     rejected = watcher.logs("api_key_rejected")
     assert len(rejected) == 1

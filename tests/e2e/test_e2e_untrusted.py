@@ -103,7 +103,10 @@ def test_discover_org_reads_a_large_org_at_once(
     served = start_simulator(org)
     for run_id in org:  # longer names, as real runs have: the list is about 6 MB
         served.sim.set_run(run_id, name=f"{run_id}-" + "sft-qwen3-8b-lr2e-5-" * 12)
-    watcher = start_watcher("--api-url", served.url, "--discover", "org", *FAST)
+    # The default deadline: FAST's 1 s is too short for 6 MB on a busy machine.
+    watcher = start_watcher(
+        "--api-url", served.url, "--discover", "org", *FAST, "--request-timeout", "10"
+    )
     metrics = watcher.wait_for_metrics(
         lambda m: m.value("loops_watcher_watched_runs") == 8000, timeout=60, what="8,000 runs"
     )
