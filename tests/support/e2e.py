@@ -124,7 +124,9 @@ class WatcherProcess:
         for reader in self._readers:
             reader.start()
         self.port = 0
-        self.http = httpx.Client(timeout=5.0)
+        # Generous: a watcher busy with a large first list on a loaded machine answers seconds
+        # late, not never; the tests that care how fast it answers measure that themselves.
+        self.http = httpx.Client(timeout=30.0)
 
     def __enter__(self) -> WatcherProcess:
         return self
