@@ -292,6 +292,17 @@ def test_dockerfile_builds_a_non_root_image_on_pinned_bases() -> None:
             assert not re.search(r"(KEY|TOKEN|SECRET|PASSWORD)\w*=", args, re.I), args
 
 
+def test_image_healthcheck_asks_healthz_on_the_port_the_image_exposes() -> None:
+    (check,) = [args for keyword, args in dockerfile_instructions() if keyword == "HEALTHCHECK"]
+    _, _, command = check.partition(" CMD ")
+    argv = json.loads(command)  # exec form: the slim base has no shell tools such as curl
+    assert argv[0] == "python"
+    assert re.search(rf"'http://127\.0\.0\.1:{DEFAULT_PORT}/healthz'", argv[-1]), argv[-1]
+    probe_timeout = float(re.findall(r"timeout=(\d+(?:\.\d+)?)\)", argv[-1])[0])
+    (check_timeout,) = re.findall(r"--timeout=(\d+)s", check)
+    assert probe_timeout < int(check_timeout), "the probe gives up before Docker kills it"
+
+
 def test_dockerignore_admits_exactly_what_the_dockerfile_copies() -> None:
     patterns = [
         line.strip()
