@@ -1,6 +1,6 @@
 """Issue 5's benchmark: the real watcher process against the simulator on loopback.
 
-Run with `make bench` (about seven minutes). Every process it starts listens on 127.0.0.1 only,
+Run with `make bench` (about ten minutes). Every process it starts listens on 127.0.0.1 only,
 uses a fake key and is stopped on the way out, whatever happens. It measures, on this machine
 and in one run:
 
