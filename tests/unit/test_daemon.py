@@ -275,7 +275,7 @@ def test_failing_lists_are_a_problem_only_with_discovery(clock: FakeClock) -> No
         seen = []
         for _ in range(DISCOVERY_FAILING_AFTER):
             seen.append(kinds(instance))
-            instance.listing.record(Failed(Result.SERVER_ERROR, "boom", 4, "503"))
+            asyncio.run(instance.listing.record(Failed(Result.SERVER_ERROR, "boom", 4, "503")))
         return [*seen, kinds(instance)]
 
     assert lists_fail("--discover", "org") == [[], [], [], ["discovery_failing"]]
