@@ -5,8 +5,8 @@ passed down to everything else; nothing outside this module reads the environmen
 value becomes a `ConfigError` whose message names the option, where it came from and the value.
 
 Each option's check is a small function in `_CHECKS`, run in field order once the sources are
-merged: a validation library (pydantic, as before) made up a quarter of the idle process's
-memory (12 MB of 53 MB) for two dozen fields checked once at start.
+merged, and its messages are the ones pydantic gave before: loading pydantic for two dozen
+fields checked once at start made up 11 MB of the idle process's 47 MB.
 """
 
 from __future__ import annotations
