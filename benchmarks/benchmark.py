@@ -13,9 +13,10 @@ and in one run:
    watchers run as the container image installs them (runtime dependencies only, bytecode
    compiled: a process that compiles its modules keeps megabytes of that work), in an
    environment made with the Makefile's uv; the idle one also as this environment runs it;
-3. the same runs in list mode: requests per interval, CPU, memory, and fast polls next to
-   the most there could be (a run that turns transitional between two lists is seen, and then
-   polled fast, from the next list on, so short wake-ups get few fast polls or none);
+3. the same runs in list mode: requests per interval, CPU, memory (the median peak of three
+   watchers, as in 2), and fast polls next to the most there could be (a run that turns
+   transitional between two lists is seen, and then polled fast, from the next list on, so
+   short wake-ups get few fast polls or none);
 4. how long a status change in the backend takes to show in `/metrics`;
 5. the runs of 2 and 3 split among four shard processes: each one's share, CPU and memory,
    and the requests all of them make together.
@@ -25,9 +26,9 @@ and in one run:
    the load time and the file size; and the slowest `/metrics` scrape of the real watcher
    while 10,000 runs change status in one list response, with and without the state file (a
    noisy comparison: the list round itself and other load dominate it).
-7. a 50,000-run organisation (a list of about 37 MB of JSON) watched with `--discover org`:
-   list requests per interval, whether a sample of runs shows their status, read lately, CPU
-   between lists and peak memory.
+7. a 50,000-run organisation (a list of about 37 MB of JSON) watched with `--discover org`
+   by watchers installed as in 2: list requests per interval, whether a sample of runs shows
+   their status, read lately, CPU between lists and the median peak memory of three watchers.
 
 Part 2 also times the status page on its 10,000 runs: `/api/v1/runs` (what the page's script
 fetches every few seconds), the server-rendered `/`, and `/metrics` scrapes while a browser
@@ -896,27 +897,60 @@ def list_mode(
     sim: Simulator, tmp: Path, run_ids: Sequence[str], options: Sequence[str], results: Results
 ) -> None:
     part = f"3 list mode: {SCALE_RUNS:,} runs/{SCALE_INTERVAL:g} s"
-    with watcher(sim, tmp, run_ids, results, *options) as w:
+    command = results.image or WATCHER
+    with watcher(sim, tmp, run_ids, results, *options, command=command) as w:
         wait_until(w.ready, 90, "watcher readiness")
         time.sleep(2 * SCALE_FAST_INTERVAL)  # polls of runs the first list found moving
         rounds = list_rounds(sim, w.child, 2)
-        rss, peak = w.child.memory(), w.child.memory("VmHWM")
+        rss, first_peak = w.child.memory(), w.child.memory("VmHWM")
+    peaks = [
+        first_peak,
+        *list_mode_peaks(sim, tmp, run_ids, options, results, command=command, ready_within=90),
+    ]
     results.rows += [
         *rounds.rows(part, 0.5),
         Row(part, "resident memory now", f"{rss / 1e6:.0f} MB"),
-        Row(
-            part,
-            "peak resident memory",
-            f"{peak / 1e6:.0f} MB",
-            "< 100 MB",
-            verdict(peak < 100e6),
-        ),
+        peak_row(part, peaks, 100e6),
     ]
+
+
+def list_mode_peaks(
+    sim: Simulator,
+    tmp: Path,
+    run_ids: Sequence[str],
+    options: Sequence[str],
+    results: Results,
+    *,
+    command: Path,
+    ready_within: float,
+) -> list[int]:
+    """Peak memory of PEAK_WATCHERS - 1 more watchers in list mode, each through its first
+    list (when a run is read for the first time) and the next one."""
+    peaks = []
+    for _ in range(PEAK_WATCHERS - 1):
+        with watcher(sim, tmp, run_ids, results, *options, command=command) as w:
+            wait_until(w.ready, ready_within, "watcher readiness")
+            time.sleep(1.2 * SCALE_INTERVAL)
+            peaks.append(w.child.memory("VmHWM"))
+    return peaks
+
+
+def peak_row(part: str, peaks: Sequence[int], target: float) -> Row:
+    peak = statistics.median(peaks)
+    return Row(
+        part,
+        f"peak resident memory, median of {len(peaks)} watchers",
+        f"{peak / 1e6:.0f} MB ({', '.join(f'{p / 1e6:.0f}' for p in sorted(peaks))})",
+        f"< {target / 1e6:.0f} MB",
+        verdict(peak < target),
+    )
 
 
 def part_large_org(tmp: Path, results: Results) -> None:
     """Every run of a large organisation, discovered from one list per interval."""
     part = f"7 list mode, --discover org: {ORG_RUNS:,} runs/{SCALE_INTERVAL:g} s"
+    results.image = results.image or runtime_environment(tmp)
+    command = results.image or WATCHER
     with simulator(ORG_RUNS) as sim:
         size = list_bytes(sim)
         options = [
@@ -925,14 +959,18 @@ def part_large_org(tmp: Path, results: Results) -> None:
             "--fast-poll-interval", str(SCALE_FAST_INTERVAL),
             "--max-requests-per-second", str(SCALE_RATE),
         ]  # fmt: skip
-        with watcher(sim, tmp, [], results, *options) as w:
+        with watcher(sim, tmp, [], results, *options, command=command) as w:
             started = time.monotonic()
             wait_until(w.ready, 300, "watcher readiness")  # the first list has been recorded
             first = time.monotonic() - started
             time.sleep(2 * SCALE_FAST_INTERVAL)  # polls of runs the first list found moving
             rounds = list_rounds(sim, w.child, 2)
             seen, fresh, sampled = sampled_statuses(w, sim.runs, ORG_SAMPLE)
-            rss, peak = w.child.memory(), w.child.memory("VmHWM")
+            rss, first_peak = w.child.memory(), w.child.memory("VmHWM")
+        peaks = [
+            first_peak,
+            *list_mode_peaks(sim, tmp, [], options, results, command=command, ready_within=300),
+        ]
     keeps_up = rounds.lists >= 0.9 and seen == fresh == sampled
     results.rows += [
         Row(part, "the org's list", f"about {size / 1e6:.0f} MB of JSON"),
@@ -947,13 +985,7 @@ def part_large_org(tmp: Path, results: Results) -> None:
         *rounds.rows(part, 0.1),
         Row(part, "keeps up", "yes" if keeps_up else "no", "yes", verdict(keeps_up)),
         Row(part, "resident memory now", f"{rss / 1e6:.0f} MB"),
-        Row(
-            part,
-            "peak resident memory",
-            f"{peak / 1e6:.0f} MB",
-            "< 250 MB",
-            verdict(peak < 250e6),
-        ),
+        peak_row(part, peaks, 250e6),
     ]
 
 
