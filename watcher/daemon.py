@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import structlog
 from prometheus_client import CollectorRegistry
@@ -20,7 +20,7 @@ from watcher import __version__
 from watcher.api import LoopsClient
 from watcher.config import Settings
 from watcher.lifecycle import Lifecycle
-from watcher.listing import ListLoop
+from watcher.listing import RECORD_SLICE, ListLoop
 from watcher.metrics import Metrics
 from watcher.model import Run
 from watcher.page import Page
@@ -56,6 +56,7 @@ class Watcher:
         self.recorder = Recorder(self.metrics, store, clock=clock)
         self.tracker = self.recorder.tracker
         self.watchlist = WatchList(settings, shard)
+        self._syncs = 0  # syncs of the watched runs begun: a gradual one yields to a newer
 
         def keep_listed(run: Run) -> Run | None:
             return self.listing.keep(run)  # the list loop is built after its client
@@ -84,7 +85,7 @@ class Watcher:
             self.recorder,
             self.watchlist,
             self.scheduler,
-            discovered=lambda: self.sync_runs(
+            discovered=lambda: self.sync_gradually(
                 self.watchlist.desired(), spread=settings.fast_poll_interval
             ),
         )
@@ -113,11 +114,32 @@ class Watcher:
 
     def sync_runs(self, desired: dict[str, None], *, spread: float, after: float = 0.0) -> None:
         """Watch exactly `desired`: stop polling the rest, schedule the new ones."""
+        for _ in self._sync_steps(desired, spread=spread, after=after):
+            pass
+
+    async def sync_gradually(self, desired: dict[str, None], *, spread: float) -> None:
+        """`sync_runs` in slices that let the event loop in: a first list may discover 50,000
+        runs. Left off if another sync ran meanwhile: that one watched a newer `desired`."""
+        for position, syncs in enumerate(self._sync_steps(desired, spread=spread), 1):
+            if position % RECORD_SLICE == 0:
+                await asyncio.sleep(0)
+                if self._syncs != syncs:
+                    return
+
+    def _sync_steps(
+        self, desired: dict[str, None], *, spread: float, after: float = 0.0
+    ) -> Iterator[int]:
+        """Each run unwatched or newly watched in turn; yields which sync this is."""
+        self._syncs += 1
+        syncs = self._syncs
         for run_id in [r for r in self.scheduler.run_ids if r not in desired]:
             self.scheduler.remove(run_id)
             self.recorder.unwatch(run_id)
-        for run_id in self.scheduler.add_many(desired, spread=spread, after=after):
-            self.recorder.watch(run_id)
+            yield syncs
+        for run_id in desired:
+            if self.scheduler.add(run_id, spread=spread, after=after):
+                self.recorder.watch(run_id)
+                yield syncs
 
     async def poll_run(self, run_id: str) -> Cadence:
         """One run's poll: the request, then what its outcome does."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from watcher.api import LoopsClient
 from watcher.config import Settings, check_run_id
@@ -48,7 +48,7 @@ class ListLoop:
         watchlist: WatchList,
         scheduler: Scheduler,
         *,
-        discovered: Callable[[], None],
+        discovered: Callable[[], Awaitable[None]],
     ) -> None:
         self.settings = settings
         self.client = client
@@ -128,7 +128,7 @@ class ListLoop:
         listed = self._listed(outcome.value)
         if self.settings.discover:
             self.watchlist.listed(listed)
-            self._discovered()
+            await self._discovered()
         now = recorder.clock()
         for position, (run_id, entry) in enumerate(listed.items(), 1):
             if position % RECORD_SLICE == 0:

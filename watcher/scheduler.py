@@ -21,7 +21,7 @@ import asyncio
 import heapq
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -186,6 +186,3 @@ class Scheduler:
         if self._generation.get(run_id) == generation:
             delay = next_delay(cadence, self._poll_interval, self._fast_interval, self._rng)
             self._push(run_id, delay)
-
-    def add_many(self, run_ids: Iterable[str], *, spread: float, after: float = 0.0) -> list[str]:
-        return [run_id for run_id in run_ids if self.add(run_id, spread=spread, after=after)]

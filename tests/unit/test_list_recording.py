@@ -30,13 +30,14 @@ def listed(status: str, requested: float) -> Fetched[RunList]:
 
 async def record_watched(
     watcher: Watcher, outcome: Fetched[RunList], status: str
-) -> list[tuple[int, bool]]:
-    """Record one list while a probe runs whenever it can: (runs in `status`, ready) each turn."""
-    seen = []
+) -> list[tuple[int, int, bool]]:
+    """Record one list while a probe runs whenever it can: (runs watched, runs in `status`,
+    ready) each turn."""
+    runs, seen = watcher.tracker.runs, []
     recording = asyncio.create_task(watcher.listing.record(outcome))
     while not recording.done():
-        recorded = sum(record.status == status for record in watcher.tracker.runs.values())
-        seen.append((recorded, watcher.probes.readiness()[0]))
+        recorded = sum(record.status == status for record in runs.values())
+        seen.append((len(runs), recorded, watcher.probes.readiness()[0]))
         await asyncio.sleep(0)
     await recording
     return seen
@@ -61,12 +62,15 @@ async def test_a_large_list_lets_the_event_loop_in_while_it_is_recorded(discover
     for seen in (first, again):
         # The probe ran between every slice and saw the list half recorded...
         assert len(seen) >= RUNS // RECORD_SLICE
-        steps = [later - earlier for (earlier, _), (later, _) in itertools.pairwise(seen)]
-        assert max(steps, default=RUNS) <= RECORD_SLICE
-        assert any(0 < count < RUNS for count, _ in seen)
+        for column in (0, 1):  # runs discovered, then runs recorded
+            steps = [later[column] - earlier[column] for earlier, later in itertools.pairwise(seen)]
+            assert max(steps, default=RUNS) <= RECORD_SLICE
+        assert any(0 < recorded < RUNS for _, recorded, _ in seen)
+    if discover:
+        assert any(0 < watched < RUNS for watched, _, _ in first)
     # ...but readiness waited for the whole first list, and holds from then on.
-    assert not any(ready for _, ready in first)
-    assert all(ready for _, ready in again)
+    assert not any(ready for _, _, ready in first)
+    assert all(ready for _, _, ready in again)
     # Every run recorded once per list, in the list's order.
     observed = [e["run_id"] for e in logs if e["event"] == "sampler_status_observed"]
     changed = [e["run_id"] for e in logs if e["event"] == "sampler_status_changed"]
@@ -74,3 +78,18 @@ async def test_a_large_list_lets_the_event_loop_in_while_it_is_recorded(discover
     assert observed == expected
     assert changed == expected
     assert all(record.polls == {"ok": 2} for record in watcher.tracker.runs.values())
+
+
+async def test_a_gradual_sync_leaves_off_when_a_newer_sync_ran_meanwhile() -> None:
+    settings = load_settings(
+        ["--discover", "org"], {"BASETEN_API_KEY": FAKE_KEY}, stdout_is_tty=False
+    )
+    watcher = Watcher(settings, registry=CollectorRegistry(), clock=FakeClock())
+    discovered = dict.fromkeys(f"r{number:06d}" for number in range(RUNS))
+    gradual = asyncio.create_task(watcher.sync_gradually(discovered, spread=0.0))
+    await asyncio.sleep(0)  # its first slice
+    assert 0 < len(watcher.tracker.runs) < RUNS
+    watcher.sync_runs({"k4q95w5": None}, spread=0.0)  # e.g. the run-IDs file, reloaded
+    await gradual
+    assert list(watcher.tracker.runs) == ["k4q95w5"]
+    assert watcher.scheduler.run_ids == ["k4q95w5"]
