@@ -638,8 +638,12 @@ def test_a_rejected_key_is_reported_once_without_a_request_storm(
     for run_id in runs:
         assert metrics.value("loops_watcher_poll_success", run_id=run_id) == 0
         assert metrics.total("loops_watcher_polls_total", run_id=run_id, result="unauthorized") >= 2
-    # 401 is not retried (a busy machine may still time out and retry some other request).
+    # A 401 is not retried: each poll it ended was its one attempt answered 401. (A busy machine
+    # may still time an attempt out and retry that; it says nothing about the key.)
     assert metrics.total("loops_watcher_retries_total", reason="unauthorized") == 0
+    assert metrics.total("loops_watcher_api_requests_total", code="401") == metrics.total(
+        "loops_watcher_polls_total", result="unauthorized"
+    )
     assert metrics.value("loops_watcher_api_key_rejected") == 1
     rejected = watcher.logs("api_key_rejected")
     assert len(rejected) == 1
