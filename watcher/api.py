@@ -18,8 +18,9 @@ a stack of httpx transports with one connection each. httpcore 1.0's pool rescan
 pooled connection, polling each idle socket, whenever a request starts or ends
 (encode/httpcore#1035, #928); with 32 connections in one pool that about doubles the CPU of
 a request (`make bench` measures both ways with bare httpx loops). A transport is lent to one
-request until its response is closed; the warmest is lent first, and transports are made only
-as concurrency calls for them, so there are never more than `max_concurrency`.
+request until its response is closed; the warmest is lent first, and past the first (made
+with the client, see `ConnectionStack`) transports are made only as concurrency calls for
+them, so there are never more than `max_concurrency`.
 
 Proxies: HTTP_PROXY, HTTPS_PROXY, ALL_PROXY and NO_PROXY are read the way any httpx client
 reads them (httpx's own table of URL patterns; a proxied pattern gets a stack of its own), and
@@ -45,6 +46,7 @@ from datetime import UTC
 from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import quote
 
+import anyio
 import httpx
 from httpx._utils import get_environment_proxies  # the table every httpx client builds
 from tenacity import (
@@ -240,19 +242,18 @@ class ConnectionStack(httpx.AsyncBaseTransport):
             max_connections=1, max_keepalive_connections=1, keepalive_expiry=30.0
         )
         self._transports: list[httpx.AsyncHTTPTransport] = []
-        self._idle: list[httpx.AsyncHTTPTransport] = []
+        # Made now, not in the first attempt: httpx imports httpcore when it makes its first
+        # transport, and anyio (httpcore's network layer) loads its event loop backend on the
+        # first connection. On a busy machine those imports take seconds, blocking the loop
+        # inside the first attempt's deadline, so the first polls after a start timed out.
+        self._idle: list[httpx.AsyncHTTPTransport] = [self._new_transport()]
+        anyio.get_available_backends()
 
     def __len__(self) -> int:
         return len(self._transports)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._idle:
-            transport = self._idle.pop()
-        else:
-            transport = httpx.AsyncHTTPTransport(
-                verify=self._tls, limits=self._limits, proxy=self._proxy
-            )
-            self._transports.append(transport)
+        transport = self._idle.pop() if self._idle else self._new_transport()
         try:
             response = await transport.handle_async_request(request)
         except BaseException:
@@ -269,6 +270,13 @@ class ConnectionStack(httpx.AsyncBaseTransport):
             stream=_LentStream(response.stream, lambda: self._idle.append(transport)),
             extensions=response.extensions,
         )
+
+    def _new_transport(self) -> httpx.AsyncHTTPTransport:
+        transport = httpx.AsyncHTTPTransport(
+            verify=self._tls, limits=self._limits, proxy=self._proxy
+        )
+        self._transports.append(transport)
+        return transport
 
     async def aclose(self) -> None:
         for transport in self._transports:

@@ -180,3 +180,49 @@ def test_normal_operation_loads_neither_the_simulator_nor_what_options_ask_for(
     assert "watcher.daemon" in imported
     assert "watcher.cli" in imported
     assert not [name for name in imported if name.startswith(DEMO_ONLY + OPTIONAL)]
+
+
+FIRST_REQUEST = """
+import asyncio, sys
+from watcher.api import LoopsClient
+
+class Observer:
+    def attempt_finished(self, code, seconds): pass
+    def retrying(self, result, detail, attempt, delay): pass
+
+async def answer(reader, writer):
+    await reader.readuntil(b"\\r\\n\\r\\n")
+    writer.write(b"HTTP/1.1 401 Unauthorized\\r\\ncontent-length: 0\\r\\n\\r\\n")
+    await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = LoopsClient(
+        api_url=f"http://127.0.0.1:{port}", api_key="x", auth_scheme="bearer",
+        request_timeout=30, max_retries=0, max_concurrency=1, max_requests_per_second=100,
+        observer=Observer(),
+    )
+    before = set(sys.modules)
+    outcome = await client.get_run("r1")
+    print(outcome.result, *sorted(set(sys.modules) - before))
+    await client.aclose()
+    server.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.process
+def test_a_clients_first_request_imports_nothing() -> None:
+    """What the first request needs is loaded with the client: imported inside the request, it
+    blocked the loop for seconds on a busy machine and counted against the request's deadline."""
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_REQUEST],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.split() == ["unauthorized"]
