@@ -96,6 +96,8 @@ class Scheduler:
         self._generation: dict[str, int] = {}  # watched runs; a re-added run gets a new number
         self._counter = 0
         self._inflight: dict[str, float] = {}  # run_id -> when its poll started
+        # run_id -> the delay a reschedule asked for while that run's poll was in flight
+        self._after_poll: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self.heartbeat = clock()
@@ -115,11 +117,18 @@ class Scheduler:
 
     def remove(self, run_id: str) -> bool:
         # Its heap entry or in-flight poll finds the generation gone and lapses.
+        self._after_poll.pop(run_id, None)
         return self._generation.pop(run_id, None) is not None
 
     def reschedule(self, run_id: str, delay: float) -> None:
-        """Move a run's next individual poll, e.g. after its status arrived another way."""
-        if run_id in self._generation and run_id not in self._inflight:
+        """Move a run's next individual poll, e.g. after its status arrived another way.
+
+        A run whose poll is in flight gets the delay when that poll ends: dropped, a list and
+        that run's polls, both a poll interval apart, kept meeting and the run was polled on
+        its own every interval however often the list covered it."""
+        if run_id in self._inflight:
+            self._after_poll[run_id] = delay
+        elif run_id in self._generation:
             self._counter += 1
             self._generation[run_id] = self._counter
             self._push(run_id, delay)
@@ -183,6 +192,8 @@ class Scheduler:
             del self._inflight[run_id]
             if len(self._inflight) == self.max_started - 1:
                 self._wake.set()  # a due run may have been waiting for this one to end
+        asked = self._after_poll.pop(run_id, None)
         if self._generation.get(run_id) == generation:
-            delay = next_delay(cadence, self._poll_interval, self._fast_interval, self._rng)
-            self._push(run_id, delay)
+            if asked is None:
+                asked = next_delay(cadence, self._poll_interval, self._fast_interval, self._rng)
+            self._push(run_id, asked)

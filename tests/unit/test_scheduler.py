@@ -169,3 +169,24 @@ async def test_polls_under_way_are_bounded_and_the_most_overdue_start_first() ->
     await asyncio.gather(task, return_exceptions=True)
     assert most == limit
     assert started == runs  # the waiting ones came next, oldest due first, each once
+
+
+@pytest.mark.looptime
+async def test_a_reschedule_while_its_poll_is_in_flight_applies_when_the_poll_ends() -> None:
+    loop = asyncio.get_running_loop()
+    started: list[float] = []
+
+    async def poll(run_id: str) -> Cadence:
+        started.append(loop.time())
+        await asyncio.sleep(0.1)
+        return Cadence(fast=False)
+
+    scheduler = Scheduler(poll, poll_interval=1.0, fast_poll_interval=0.5, rng=fixed_rng())
+    scheduler.add("a")
+    task = asyncio.create_task(scheduler.run())
+    await asyncio.sleep(0.05)
+    scheduler.reschedule("a", 10.0)  # a list read the run while its own poll was under way
+    await asyncio.sleep(5.0)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert len(started) == 1, started  # not once a poll interval after that poll
