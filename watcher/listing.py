@@ -114,7 +114,8 @@ class ListLoop:
         loop awaits this before it asks for the next list, so lists never interleave; the first
         list counts as attempted (readiness) only once every run in it is recorded."""
         recorder = self.recorder
-        recorder.key_verdict(outcome)
+        if not self._refused_listing_only(outcome):
+            recorder.key_verdict(outcome)
         if isinstance(outcome, Failed):
             recorder.first_round.discard(FIRST_LIST)
             self._failed(outcome)
@@ -176,6 +177,17 @@ class ListLoop:
         self._skipped_entries[key] = None
         shown = None if run_id is None else clean_text(run_id)
         self.log.warning("list_entry_skipped", run_id=shown, reason=reason)
+
+    def _refused_listing_only(self, outcome: Outcome[RunList]) -> bool:
+        """A 403 to the list of a key that reads its runs one by one: the key is not rejected.
+
+        Without discovery the list only saves requests, and the runs' own GETs say whether the
+        key is accepted; with discovery the list is the only way to the runs."""
+        return (
+            isinstance(outcome, Failed)
+            and outcome.result is Result.FORBIDDEN
+            and not self.settings.discover
+        )
 
     def _failed(self, outcome: Failed) -> None:
         self.failures += 1

@@ -222,8 +222,13 @@ async def test_runs_the_list_lacks_and_keys_it_rejects_fall_back_to_gets(
         lists = harness.lists()
         await asyncio.sleep(1.0)
     assert harness.lists() == lists == 1  # after one refusal the list is not asked again
-    assert [log["event"] for log in logs].count("list_mode_unavailable") == 1
+    events = [log["event"] for log in logs]
+    assert events.count("list_mode_unavailable") == 1
     assert harness.run_gets() >= 2 * LIST_MODE_MIN_RUNS
+    # The key reads every run: refused a list it never needed, it is not a rejected key.
+    assert "api_key_rejected" not in events
+    registry = harness.watcher.metrics.registry
+    assert registry.get_sample_value("loops_watcher_api_key_rejected") == 0
 
 
 async def test_once_reads_many_runs_with_one_list(simulator: Simulator) -> None:
