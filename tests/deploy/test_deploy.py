@@ -1131,44 +1131,59 @@ def test_contract_series_cover_every_contract_metric() -> None:
     assert names == ALLOWED_METRICS
 
 
-@pytest.mark.process
-def test_every_dashboard_query_returns_data_from_contract_metrics(tmp_path: Path) -> None:
-    promtool = tool("promtool", "apt-get install prometheus")
-    queries = dashboard_queries()
-    rules = [
-        {"alert": f"query_{index}", "expr": f"count(\n{expr}\n) > 0"}
-        for index, (_, expr) in enumerate(queries)
-    ]
-    (tmp_path / "queries.yml").write_text(
-        yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8"
+def alerts_at_2h(
+    promtool: str,
+    tmp_path: Path,
+    name: str,
+    exprs: list[str],
+    series: list[dict[str, str]],
+    *,
+    firing: bool,
+) -> tuple[set[int], str]:
+    """Each expression as the alert `query_<index>`, evaluated by `promtool test rules` on the
+    series (15 s apart) after two hours, expected to fire or to stay silent.
+
+    Returns the indexes of the expressions promtool found wrong, and its output if it failed
+    (empty if it passed).
+    """
+    rules = [{"alert": f"query_{index}", "expr": expr} for index, expr in enumerate(exprs)]
+    (tmp_path / f"{name}.yml").write_text(
+        yaml.safe_dump({"groups": [{"name": name, "rules": rules}]}), encoding="utf-8"
     )
+    expected: list[dict[str, Any]] = [{"exp_labels": {}}] if firing else []
     unit_test = {
-        "rule_files": ["queries.yml"],
+        "rule_files": [f"{name}.yml"],
         "evaluation_interval": "1m",
         "tests": [
             {
                 "interval": "15s",
-                "input_series": contract_series(),
+                "input_series": series,
                 "alert_rule_test": [
-                    {
-                        "eval_time": "2h",
-                        "alertname": rule["alert"],
-                        "exp_alerts": [{"exp_labels": {}}],
-                    }
+                    {"eval_time": "2h", "alertname": rule["alert"], "exp_alerts": expected}
                     for rule in rules
                 ],
             }
         ],
     }
-    (tmp_path / "queries_test.yml").write_text(yaml.safe_dump(unit_test), encoding="utf-8")
-    result = run(promtool, "test", "rules", tmp_path / "queries_test.yml", cwd=tmp_path)
-    output = result.stdout + result.stderr
-    empty = [
-        f"{where}: {expr}"
-        for index, (where, expr) in enumerate(queries)
-        if re.search(rf"\bquery_{index}\b", output)
-    ]
-    assert result.returncode == 0, "\n".join(empty) or output
+    (tmp_path / f"{name}_test.yml").write_text(yaml.safe_dump(unit_test), encoding="utf-8")
+    result = run(promtool, "test", "rules", tmp_path / f"{name}_test.yml", cwd=tmp_path)
+    if result.returncode == 0:
+        return set(), ""
+    output = result.stdout + result.stderr or f"promtool exited with {result.returncode}"
+    wrong = {index for index in range(len(exprs)) if re.search(rf"\bquery_{index}\b", output)}
+    return wrong, output
+
+
+@pytest.mark.process
+def test_every_dashboard_query_returns_data_from_contract_metrics(tmp_path: Path) -> None:
+    promtool = tool("promtool", "apt-get install prometheus")
+    queries = dashboard_queries()
+    exprs = [f"count(\n{expr}\n) > 0" for _, expr in queries]
+    wrong, output = alerts_at_2h(
+        promtool, tmp_path, "dashboard", exprs, contract_series(), firing=True
+    )
+    empty = [f"{where}: {expr}" for index, (where, expr) in enumerate(queries) if index in wrong]
+    assert not output, "\n".join(empty) or output
 
 
 NO_SAMPLER = "no sampler"
@@ -1647,37 +1662,15 @@ def test_dashboard_shows_two_replicas_as_it_shows_one(tmp_path: Path) -> None:
         if where.startswith("panel ")
         and not any(f"panel {title!r}" in where for title in PER_REPLICA_PANELS)
     ]
-    rules = []
-    for index, (_, expr) in enumerate(queries):
+    exprs = []
+    for _, expr in queries:
         alone = one_target(expr, f"watcher:{DEFAULT_PORT}")
-        differs = " or ".join(
-            f"((({kind}(\n{expr}\n)) or vector(0)) != (({kind}(\n{alone}\n)) or vector(0)))"
-            for kind in ("count", "sum")
+        exprs.append(
+            " or ".join(
+                f"((({kind}(\n{expr}\n)) or vector(0)) != (({kind}(\n{alone}\n)) or vector(0)))"
+                for kind in ("count", "sum")
+            )
         )
-        rules.append({"alert": f"query_{index}", "expr": differs})
-    (tmp_path / "replicas.yml").write_text(
-        yaml.safe_dump({"groups": [{"name": "replicas", "rules": rules}]}), encoding="utf-8"
-    )
-    unit_test = {
-        "rule_files": ["replicas.yml"],
-        "evaluation_interval": "1m",
-        "tests": [
-            {
-                "interval": "15s",
-                "input_series": series + twin,
-                "alert_rule_test": [
-                    {"eval_time": "2h", "alertname": rule["alert"], "exp_alerts": []}
-                    for rule in rules
-                ],
-            }
-        ],
-    }
-    (tmp_path / "replicas_test.yml").write_text(yaml.safe_dump(unit_test), encoding="utf-8")
-    result = run(promtool, "test", "rules", tmp_path / "replicas_test.yml", cwd=tmp_path)
-    output = result.stdout + result.stderr
-    doubled = [
-        f"{where}: {expr}"
-        for index, (where, expr) in enumerate(queries)
-        if re.search(rf"\bquery_{index}\b", output)
-    ]
-    assert result.returncode == 0, "\n".join(doubled) or output
+    wrong, output = alerts_at_2h(promtool, tmp_path, "replicas", exprs, series + twin, firing=False)
+    doubled = [f"{where}: {expr}" for index, (where, expr) in enumerate(queries) if index in wrong]
+    assert not output, "\n".join(doubled) or output
